@@ -1,0 +1,88 @@
+"""torchvision-style bottleneck ResNet returning res2..res5 (strides 4, 8, 16, 32).
+
+The stride sits in the 3x3 convolution (detectron2's STRIDE_IN_1X1=False, as the official
+Mask2Former configs use). Normalisation is frozen BatchNorm by default: fine-tuning at small batch
+sizes keeps the pre-trained statistics, exactly as detectron2 does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.config import ResNetConfig
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (all buffers, none trained)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return FrozenBatchNorm2d(channels) if kind == "frozen_bn" else nn.BatchNorm2d(channels)
+
+
+class ConvNorm(nn.Sequential):
+    """Conv2d (no bias) followed by a norm: the unit every ResNet layer is built from."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+        self.norm = _norm(norm, cout)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, *, cin: int, cout: int, stride: int, norm: str) -> None:
+        super().__init__()
+        mid = cout // 4
+        self.conv1 = ConvNorm(cin, mid, 1, 1, norm)
+        self.conv2 = ConvNorm(mid, mid, 3, stride, norm)
+        self.conv3 = ConvNorm(mid, cout, 1, 1, norm)
+        self.shortcut = ConvNorm(cin, cout, 1, stride, norm) if (cin != cout or stride != 1) else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.conv1(x))
+        out = torch.relu(self.conv2(out))
+        out = self.conv3(out)
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return torch.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, cfg: ResNetConfig) -> None:
+        super().__init__()
+        self.stem = ConvNorm(3, cfg.stem_channels, 7, 2, cfg.norm)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stages = nn.ModuleList()
+        cin = cfg.stem_channels
+        for i, (depth, width) in enumerate(zip(cfg.depths, cfg.widths, strict=True)):
+            blocks = [
+                Bottleneck(
+                    cin=cin if j == 0 else width, cout=width, stride=2 if (i > 0 and j == 0) else 1, norm=cfg.norm
+                )
+                for j in range(depth)
+            ]
+            self.stages.append(nn.Sequential(*blocks))
+            cin = width
+        self.out_channels = tuple(cfg.widths)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x (B, 3, H, W) -> [res2 (B, C2, H/4, W/4), res3 (H/8), res4 (H/16), res5 (H/32)]."""
+        x = self.pool(torch.relu(self.stem(x)))
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats

@@ -1,0 +1,199 @@
+"""Swin Transformer backbone returning res2..res5 (strides 4, 8, 16, 32), each layer-normed.
+
+Follows the detection/segmentation variant of Swin used by the official Mask2Former: feature maps
+of any size are zero-padded to a multiple of the window (after the first norm), shifted windows
+are masked so that tokens never attend across the cyclic wrap, and padding is cropped again.
+Hugging Face's SwinBackbone behaves the same (it passes `always_partition=True`; checked on
+transformers 4.27, 4.40 and 5.23): only its classification SwinModel shrinks the window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import SwinConfig
+
+
+def relative_position_index(window: int) -> Tensor:
+    """(window², window²) index into the ((2w-1)², heads) bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, w², w²)
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
+def window_partition(x: Tensor, w: int) -> Tensor:
+    B, H, W, C = x.shape
+    x = x.view(B, H // w, w, W // w, w, C).transpose(2, 3)  # (B, H/w, W/w, w, w, C)
+    return x.reshape(-1, w * w, C)  # (B*nW, w*w, C)
+
+
+def window_reverse(windows: Tensor, w: int, H: int, W: int) -> Tensor:
+    C = windows.shape[-1]
+    x = windows.view(-1, H // w, W // w, w, w, C).transpose(2, 3)  # (B, H/w, w, W/w, w, C)
+    return x.reshape(-1, H, W, C)
+
+
+def shift_attention_mask(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
+    """(nW, w*w, w*w) additive mask: -100 between tokens from different regions of the shifted map."""
+
+    def regions(n: int) -> Tensor:
+        idx = torch.arange(n, device=device)
+        return (idx >= n - window).long() + (idx >= n - shift).long()
+
+    region = (regions(H)[:, None] * 3 + regions(W)[None, :]).view(1, H, W, 1).float()
+    win = window_partition(region, window).squeeze(-1)  # (nW, w*w)
+    diff = win[:, None, :] - win[:, :, None]
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def bias(self) -> Tensor:
+        """(heads, N, N) relative position bias, N = window²."""
+        N = self.relative_position_index.shape[0]
+        table = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return table.view(N, N, -1).permute(2, 0, 1)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x (B*nW, N, C); mask (nW, N, N) additive or None."""
+        Bw, N, C = x.shape
+        qkv = self.qkv(x).view(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B*nW, h, N, d)
+        bias = self.bias().unsqueeze(0).to(q.dtype)  # (1, h, N, N)
+        if mask is not None:
+            nW = mask.shape[0]
+            bias = bias.view(1, 1, self.heads, N, N) + mask.view(1, nW, 1, N, N).to(q.dtype)
+            bias = bias.expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(Bw, N, C))
+
+
+class SwinBlock(nn.Module):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        heads: int,
+        window: int,
+        shift: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = WindowAttention(dim, heads, window, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = drop_path
+
+    def _drop_path(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device, dtype=x.dtype) >= self.drop_path
+        return x * keep / (1.0 - self.drop_path)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        """x (B, H*W, C) -> (B, H*W, C)."""
+        B, L, C = x.shape
+        window, shift = self.window, self.shift
+        y = self.norm1(x).view(B, H, W, C)
+        pad_b, pad_r = (-H) % window, (-W) % window
+        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        mask = None
+        if shift > 0:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+            mask = shift_attention_mask(Hp, Wp, window, shift, x.device)
+        y = self.attn(window_partition(y, window), mask)  # (B*nW, w*w, C)
+        y = window_reverse(y, window, Hp, Wp)
+        if shift > 0:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        y = y[:, :H, :W].reshape(B, L, C)
+        x = x + self._drop_path(y)
+        return x + self._drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        """x (B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 2C)."""
+        B, _, C = x.shape
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.reshape(B, -1, 4 * C)))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, blocks: list[SwinBlock], downsample: PatchMerging | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+class SwinTransformer(nn.Module):
+    def __init__(self, cfg: SwinConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        dims = cfg.out_channels
+        self.patch_embed = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        total = sum(cfg.depths)
+        rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.stages = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        n = 0
+        for i, depth in enumerate(cfg.depths):
+            blocks = [
+                SwinBlock(
+                    dim=dims[i],
+                    heads=cfg.num_heads[i],
+                    window=cfg.window_size,
+                    shift=0 if j % 2 == 0 else cfg.window_size // 2,
+                    mlp_ratio=cfg.mlp_ratio,
+                    qkv_bias=cfg.qkv_bias,
+                    drop_path=rates[n + j],
+                    eps=cfg.layer_norm_eps,
+                )
+                for j in range(depth)
+            ]
+            n += depth
+            last = i == len(cfg.depths) - 1
+            self.stages.append(SwinStage(blocks, None if last else PatchMerging(dims[i], cfg.layer_norm_eps)))
+            self.norms.append(nn.LayerNorm(dims[i]))
+        self.out_channels = dims
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x (B, 3, H, W) -> [res2 (B, C, H/4, W/4), res3 (2C, H/8), res4 (4C, H/16), res5 (8C, H/32)]."""
+        p = self.patch_size
+        x = F.pad(x, (0, (-x.shape[-1]) % p, 0, (-x.shape[-2]) % p))
+        x = self.patch_embed(x)
+        B, C, H, W = x.shape
+        x = self.patch_norm(x.flatten(2).transpose(1, 2))  # (B, H*W, C)
+        feats = []
+        for stage, norm in zip(self.stages, self.norms, strict=True):
+            for block in stage.blocks:
+                x = block(x, H, W)
+            feats.append(norm(x).view(B, H, W, -1).permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None:
+                x = stage.downsample(x, H, W)
+                H, W = (H + 1) // 2, (W + 1) // 2
+        return feats
