@@ -1,0 +1,13 @@
+"""Mask2Former in plain PyTorch: architecture, checkpoint loading, pre- and post-processing.
+
+`model.load(path_or_uri, device="cpu")` returns the `torch.nn.Module`; its `forward(pixel_values)`
+takes (B, 3, H, W) normalised with the model's mean/std and returns `class_logits` (B, Q, K+1) and
+`mask_logits` (B, Q, H/4, W/4) (plus `aux`, the earlier decoder predictions).
+"""
+
+from model.checkpoint import DEMO_MODEL, load, save
+from model.config import ModelConfig
+from model.mask2former import Mask2Former, Mask2FormerOutput, build_model
+from model.presets import PRESETS
+
+__all__ = ["DEMO_MODEL", "PRESETS", "Mask2Former", "Mask2FormerOutput", "ModelConfig", "build_model", "load", "save"]

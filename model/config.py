@@ -26,6 +26,8 @@ class ResNetConfig:
     # "frozen_bn": statistics and affine fixed (official fine-tuning); "bn": trainable BatchNorm,
     # for training a small backbone from scratch (the demo model).
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"
+    # detectron2's STRIDE_IN_1X1 / HF's downsample_in_bottleneck; Mask2Former's own configs use False.
+    stride_in_1x1: bool = False
     kind: Literal["resnet"] = "resnet"
 
     @property

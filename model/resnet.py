@@ -44,11 +44,12 @@ class ConvNorm(nn.Sequential):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, *, cin: int, cout: int, stride: int, norm: str) -> None:
+    def __init__(self, *, cin: int, cout: int, stride: int, norm: str, stride_in_1x1: bool = False) -> None:
         super().__init__()
         mid = cout // 4
-        self.conv1 = ConvNorm(cin, mid, 1, 1, norm)
-        self.conv2 = ConvNorm(mid, mid, 3, stride, norm)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = ConvNorm(cin, mid, 1, s1, norm)
+        self.conv2 = ConvNorm(mid, mid, 3, s3, norm)
         self.conv3 = ConvNorm(mid, cout, 1, 1, norm)
         self.shortcut = ConvNorm(cin, cout, 1, stride, norm) if (cin != cout or stride != 1) else None
 
@@ -70,7 +71,11 @@ class ResNet(nn.Module):
         for i, (depth, width) in enumerate(zip(cfg.depths, cfg.widths, strict=True)):
             blocks = [
                 Bottleneck(
-                    cin=cin if j == 0 else width, cout=width, stride=2 if (i > 0 and j == 0) else 1, norm=cfg.norm
+                    cin=cin if j == 0 else width,
+                    cout=width,
+                    stride=2 if (i > 0 and j == 0) else 1,
+                    norm=cfg.norm,
+                    stride_in_1x1=cfg.stride_in_1x1,
                 )
                 for j in range(depth)
             ]
