@@ -1,0 +1,395 @@
+"""Official Mask2Former inference (semantic, instance, panoptic) on batched raw outputs, CPU or GPU.
+
+Every task follows the official `MaskFormer.forward` at test time: mask logits are upsampled bilinearly to
+the padded network input, cropped to the resized image, resized bilinearly to the original image, and the
+per-image algorithm runs at that size. Bilinear resizing is independent per query, so it is done a chunk of
+queries at a time, and only for the queries that can change the result; the outcome equals resizing all.
+
+Where this deliberately differs from the official code:
+- instance segments are returned sorted by score (the official order is `topk(sorted=False)`'s);
+- panoptic segments carry a score (their query's class probability; a merged stuff segment keeps the max);
+- semantic output is one segment per present class with a mean per-pixel class probability as its score,
+  and the resize happens on the mask logits before inference, as the official code does whenever panoptic
+  or instance inference is on (its semantic-only configs resize the K-class map after inference instead).
+
+Where it differs from Hugging Face's `Mask2FormerImageProcessor.post_process_*` (read in transformers 5.23):
+- HF first resizes mask logits to a fixed 384x384, whatever the network input was, then straight to the
+  target size: there is no padded-size/crop step, so padding ends up stretched into the image;
+- HF semantic resizes the K-class score map after the einsum rather than the mask logits before it;
+- HF panoptic defaults to `threshold=0.5` (official object_mask_threshold 0.8); it resizes sigmoid
+  probabilities instead of logits; its "original area" counts score-weighted probabilities >= 0.5 (official:
+  unweighted); a segment is every pixel whose argmax is the query, without requiring probability >= 0.5;
+  it drops a segment when area ratio <= threshold (official: < threshold); it merges classes listed in
+  `label_ids_to_fuse` (empty by default, so nothing merges) instead of every stuff class; an empty result
+  is a map of -1 rather than 0;
+- HF instance keeps the top `num_queries` (not 100) over Q x K, never filters out stuff classes, drops
+  results scoring below `threshold=0.5` and empty masks, binarises at 384x384 and resizes the binary masks
+  with nearest interpolation, and paints all masks into one id map (later ones overwrite earlier ones)
+  unless `return_binary_maps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.config import ModelConfig
+
+Size = tuple[int, int]
+
+# Float32 elements one resize step may hold (padded plus output planes of a chunk): about 256 MiB.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class Segments:
+    """The segments of one image, at its output (original) size."""
+
+    masks: Tensor  # (N, H, W) bool
+    labels: Tensor  # (N,) int64, contiguous class index in [0, K)
+    scores: Tensor  # (N,) float32
+    panoptic: Tensor | None = None  # (H, W) int32 id map for panoptic: 0 = void, i+1 = segment i
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Sizes of one image along the resize chain."""
+
+    image_size: Size  # (h, w) of the resized image inside the padded input
+    output_size: Size  # (H, W) of the original image
+    padded_size: Size  # (Hp, Wp) of the network input
+
+
+def upsample_mask_logits(mask_logits: Tensor, *, image_size: Size, output_size: Size, padded_size: Size) -> Tensor:
+    """mask_logits (Q, h, w) -> (Q, H, W): to the padded input, crop the image, to the output size.
+
+    All steps are bilinear with align_corners=False, as detectron2's `sem_seg_postprocess`.
+    """
+    x = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)  # (1, Q, Hp, Wp)
+    x = x[:, :, : image_size[0], : image_size[1]]  # (1, Q, h, w)
+    return F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)[0]  # (Q, H, W)
+
+
+def _query_chunks(
+    mask_logits: Tensor, queries: Tensor, geom: _Geometry, chunk_size: int | None
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield (offset into `queries`, logits (c, H, W)) for the listed queries, a bounded chunk at a time."""
+    if chunk_size is None:
+        plane = geom.padded_size[0] * geom.padded_size[1] + geom.output_size[0] * geom.output_size[1]
+        chunk_size = max(1, _CHUNK_ELEMENTS // plane)
+    for start in range(0, queries.numel(), chunk_size):
+        picked = mask_logits[queries[start : start + chunk_size]]  # (c, h, w)
+        sizes = {"image_size": geom.image_size, "output_size": geom.output_size, "padded_size": geom.padded_size}
+        yield start, upsample_mask_logits(picked, **sizes)
+
+
+def _geometries(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    image_sizes: Sequence[Size],
+    output_sizes: Sequence[Size],
+    padded_size: Size | None,
+    chunk_size: int | None,
+) -> list[_Geometry]:
+    """Check the batch and return each image's resize geometry."""
+    if class_logits.ndim != 3 or mask_logits.ndim != 4:
+        raise ValueError(
+            f"expected class_logits (B, Q, K+1) and mask_logits (B, Q, h, w), "
+            f"got {tuple(class_logits.shape)} and {tuple(mask_logits.shape)}"
+        )
+    if class_logits.shape[:2] != mask_logits.shape[:2]:
+        raise ValueError(f"batch/query sizes differ: {tuple(class_logits.shape)} vs {tuple(mask_logits.shape)}")
+    if class_logits.shape[-1] < 2:
+        raise ValueError(f"class_logits needs K+1 >= 2 entries, got {class_logits.shape[-1]}")
+    b = class_logits.shape[0]
+    if len(image_sizes) != b or len(output_sizes) != b:
+        raise ValueError(f"batch of {b} with {len(image_sizes)} image sizes and {len(output_sizes)} output sizes")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if padded_size is None:
+        padded = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])  # the masks' stride is 4
+    else:
+        padded = (int(padded_size[0]), int(padded_size[1]))
+    geoms = []
+    for image_size, output_size in zip(image_sizes, output_sizes, strict=True):
+        ih, iw = image_size
+        if not (0 < ih <= padded[0] and 0 < iw <= padded[1]):
+            raise ValueError(f"image size {tuple(image_size)} does not fit in the padded size {padded}")
+        if min(output_size) <= 0:
+            raise ValueError(f"output size must be positive, got {tuple(output_size)}")
+        geoms.append(_Geometry((int(ih), int(iw)), (int(output_size[0]), int(output_size[1])), padded))
+    return geoms
+
+
+def _is_thing_tensor(is_thing: Sequence[bool], num_classes: int, device: torch.device) -> Tensor:
+    if len(is_thing) != num_classes:
+        raise ValueError(f"is_thing has {len(is_thing)} entries for {num_classes} classes")
+    return torch.tensor(list(is_thing), dtype=torch.bool, device=device)
+
+
+def _empty(output_size: Size, device: torch.device, panoptic: bool) -> Segments:
+    h, w = output_size
+    return Segments(
+        masks=torch.zeros(0, h, w, dtype=torch.bool, device=device),
+        labels=torch.zeros(0, dtype=torch.int64, device=device),
+        scores=torch.zeros(0, dtype=torch.float32, device=device),
+        panoptic=torch.zeros(h, w, dtype=torch.int32, device=device) if panoptic else None,
+    )
+
+
+def _semantic_one(mask_cls: Tensor, mask_logits: Tensor, geom: _Geometry, chunk_size: int | None) -> Segments:
+    """mask_cls (Q, K+1), mask_logits (Q, h, w) -> one segment per class present in argmax_K semseg."""
+    probs = mask_cls.float().softmax(-1)[:, :-1]  # (Q, K)
+    k = probs.shape[1]
+    h, w = geom.output_size
+    semseg = torch.zeros(k, h * w, dtype=torch.float32, device=mask_cls.device)  # (K, H*W)
+    queries = torch.arange(probs.shape[0], device=mask_cls.device)
+    for start, logits in _query_chunks(mask_logits.float(), queries, geom, chunk_size):
+        c = logits.shape[0]
+        semseg.addmm_(probs[start : start + c].T, logits.sigmoid().view(c, -1))  # (K, c) @ (c, H*W)
+
+    label_map = semseg.argmax(0)  # (H*W,), ties -> lowest class
+    best = semseg.gather(0, label_map[None])[0]
+    ratio = best / semseg.sum(0).clamp_min(torch.finfo(torch.float32).tiny)  # per-pixel class probability
+    counts = torch.bincount(label_map, minlength=k)
+    labels = counts.nonzero().flatten()  # present classes, ascending
+    sums = torch.zeros(k, dtype=torch.float32, device=mask_cls.device).index_add_(0, label_map, ratio)
+    label_map = label_map.view(h, w)
+    return Segments(
+        masks=label_map[None] == labels[:, None, None],  # (N, H, W)
+        labels=labels,
+        scores=sums[labels] / counts[labels],
+    )
+
+
+def _panoptic_one(
+    mask_cls: Tensor,
+    mask_logits: Tensor,
+    geom: _Geometry,
+    is_thing: Tensor,
+    object_mask_threshold: float,
+    overlap_threshold: float,
+    chunk_size: int | None,
+) -> Segments:
+    """mask_cls (Q, K+1), mask_logits (Q, h, w) -> non-overlapping segments and their id map."""
+    device = mask_cls.device
+    probs = mask_cls.float().softmax(-1)  # (Q, K+1)
+    scores, labels = probs.max(-1)  # (Q,), (Q,); the label may be the no-object class K
+    keep = (labels != probs.shape[-1] - 1) & (scores > object_mask_threshold)
+    kept = keep.nonzero().flatten()  # (n,)
+    n = kept.numel()
+    if n == 0:
+        return _empty(geom.output_size, device, panoptic=True)
+    kept_scores, kept_labels = scores[kept], labels[kept]
+
+    # Argmax of score * sigmoid over kept queries, streamed over chunks (ties -> first query).
+    h, w = geom.output_size
+    best = torch.full((h, w), -1.0, dtype=torch.float32, device=device)  # every probability beats it
+    owner = torch.zeros(h, w, dtype=torch.int64, device=device)  # (H, W) index into kept
+    above = torch.empty(n, h, w, dtype=torch.bool, device=device)  # sigmoid >= 0.5
+    for start, logits in _query_chunks(mask_logits.float(), kept, geom, chunk_size):
+        c = logits.shape[0]
+        sig = logits.sigmoid()  # (c, H, W)
+        above[start : start + c] = sig >= 0.5
+        prob = kept_scores[start : start + c, None, None] * sig
+        arg = prob.argmax(0)  # (H, W)
+        top = prob.gather(0, arg[None])[0]
+        better = top > best
+        best = torch.where(better, top, best)
+        owner = torch.where(better, arg + start, owner)
+
+    owned = above.gather(0, owner[None])[0]  # (H, W): the winning query's own mask covers the pixel
+    mask_area = torch.bincount(owner.flatten(), minlength=n).tolist()
+    original_area = above.flatten(1).sum(1).tolist()
+    final_area = torch.bincount(owner[owned], minlength=n).tolist()
+
+    # Accept, merge or drop each kept query in order; ids start at 1.
+    segment_of = [0] * n
+    seg_labels: list[int] = []
+    seg_scores: list[float] = []
+    stuff_segment: dict[int, int] = {}
+    thing = is_thing.tolist()
+    for q, (label, score) in enumerate(zip(kept_labels.tolist(), kept_scores.tolist(), strict=True)):
+        if not (mask_area[q] > 0 and original_area[q] > 0 and final_area[q] > 0):
+            continue
+        if mask_area[q] / original_area[q] < overlap_threshold:
+            continue
+        if not thing[label] and label in stuff_segment:
+            sid = stuff_segment[label]
+            seg_scores[sid - 1] = max(seg_scores[sid - 1], score)
+        else:
+            seg_labels.append(label)
+            seg_scores.append(score)
+            sid = len(seg_labels)
+            if not thing[label]:
+                stuff_segment[label] = sid
+        segment_of[q] = sid
+
+    lookup = torch.tensor(segment_of, dtype=torch.int32, device=device)
+    panoptic = torch.where(owned, lookup[owner], 0).to(torch.int32)  # (H, W)
+    ids = torch.arange(1, len(seg_labels) + 1, dtype=torch.int32, device=device)
+    return Segments(
+        masks=panoptic[None] == ids[:, None, None],  # (N, H, W)
+        labels=torch.tensor(seg_labels, dtype=torch.int64, device=device),
+        scores=torch.tensor(seg_scores, dtype=torch.float32, device=device),
+        panoptic=panoptic,
+    )
+
+
+def _instance_one(
+    mask_cls: Tensor,
+    mask_logits: Tensor,
+    geom: _Geometry,
+    top_k: int,
+    is_thing: Tensor | None,
+    chunk_size: int | None,
+) -> Segments:
+    """mask_cls (Q, K+1), mask_logits (Q, h, w) -> top-k (query, class) pairs as scored masks."""
+    device = mask_cls.device
+    class_probs = mask_cls.float().softmax(-1)[:, :-1]  # (Q, K)
+    k = class_probs.shape[1]
+    flat = class_probs.flatten()  # (Q*K,), index q*K + c
+    picked = torch.sort(flat, descending=True, stable=True).indices[:top_k]  # ties -> lower flat index
+    class_scores, labels, queries = flat[picked], picked % k, picked // k
+    if is_thing is not None:
+        things = is_thing[labels]
+        class_scores, labels, queries = class_scores[things], labels[things], queries[things]
+    if queries.numel() == 0:
+        return _empty(geom.output_size, device, panoptic=False)
+
+    # Resize each distinct selected query once.
+    distinct, which = torch.unique(queries, return_inverse=True)
+    h, w = geom.output_size
+    masks = torch.empty(distinct.numel(), h, w, dtype=torch.bool, device=device)
+    mask_scores = torch.empty(distinct.numel(), dtype=torch.float32, device=device)
+    for start, logits in _query_chunks(mask_logits.float(), distinct, geom, chunk_size):
+        c = logits.shape[0]
+        binary = (logits > 0).float().flatten(1)  # (c, H*W)
+        inside = (logits.sigmoid().flatten(1) * binary).sum(1)
+        mask_scores[start : start + c] = inside / (binary.sum(1) + 1e-6)
+        masks[start : start + c] = logits > 0
+
+    scores = class_scores * mask_scores[which]
+    order = torch.sort(scores, descending=True, stable=True).indices  # ties -> selection order
+    return Segments(masks=masks[which[order]], labels=labels[order], scores=scores[order])
+
+
+def semantic_inference(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    *,
+    image_sizes: Sequence[Size],
+    output_sizes: Sequence[Size],
+    padded_size: Size | None = None,
+    chunk_size: int | None = None,
+) -> list[Segments]:
+    """class_logits (B, Q, K+1), mask_logits (B, Q, h, w) -> per image, one segment per predicted class.
+
+    semseg (K, H, W) = sum_q softmax(class)[q, :K] * sigmoid(mask[q]); each pixel takes its argmax class
+    (ties -> lowest index). Masks partition the image, labels ascend, and a score is the segment's mean
+    per-pixel class probability semseg[k] / sum_k' semseg[k'].
+    """
+    geoms = _geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
+    return [_semantic_one(class_logits[i], mask_logits[i], g, chunk_size) for i, g in enumerate(geoms)]
+
+
+def panoptic_inference(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    *,
+    image_sizes: Sequence[Size],
+    output_sizes: Sequence[Size],
+    is_thing: Sequence[bool],
+    padded_size: Size | None = None,
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+    chunk_size: int | None = None,
+) -> list[Segments]:
+    """class_logits (B, Q, K+1), mask_logits (B, Q, h, w) -> per image, non-overlapping segments + id map.
+
+    Queries whose best class is an object with probability > object_mask_threshold compete for pixels by
+    score * sigmoid(mask); a query keeps its won pixels inside its own mask (sigmoid >= 0.5) unless it won
+    less than overlap_threshold of that mask. Stuff queries of one class merge into one segment.
+    """
+    geoms = _geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
+    things = _is_thing_tensor(is_thing, class_logits.shape[-1] - 1, class_logits.device)
+    return [
+        _panoptic_one(class_logits[i], mask_logits[i], g, things, object_mask_threshold, overlap_threshold, chunk_size)
+        for i, g in enumerate(geoms)
+    ]
+
+
+def instance_inference(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    *,
+    image_sizes: Sequence[Size],
+    output_sizes: Sequence[Size],
+    padded_size: Size | None = None,
+    top_k: int = 100,
+    is_thing: Sequence[bool] | None = None,
+    chunk_size: int | None = None,
+) -> list[Segments]:
+    """class_logits (B, Q, K+1), mask_logits (B, Q, h, w) -> per image, scored (possibly overlapping) masks.
+
+    The top_k (query, class) pairs by class probability become instances with mask = logit > 0 and
+    score = class probability * mean sigmoid inside the mask, sorted by score. With `is_thing` (a panoptic
+    model) pairs of stuff classes are dropped after the top-k, as in the official code.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    geoms = _geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
+    things = None if is_thing is None else _is_thing_tensor(is_thing, class_logits.shape[-1] - 1, class_logits.device)
+    return [_instance_one(class_logits[i], mask_logits[i], g, top_k, things, chunk_size) for i, g in enumerate(geoms)]
+
+
+_OVERRIDES = {
+    "semantic": {"chunk_size"},
+    "instance": {"top_k", "is_thing", "chunk_size"},
+    "panoptic": {"object_mask_threshold", "overlap_threshold", "is_thing", "chunk_size"},
+}
+
+
+def postprocess(
+    task: str,
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    *,
+    config: ModelConfig,
+    image_sizes: Sequence[Size],
+    output_sizes: Sequence[Size],
+    padded_size: Size | None = None,
+    **overrides: Any,
+) -> list[Segments]:
+    """Run `task`'s inference with the thresholds of `config.postprocess`; `overrides` replace them.
+
+    Instance output of a panoptic model keeps thing classes only when `instance_things_only` is set, as the
+    official code does when panoptic inference is on.
+    """
+    if task not in _OVERRIDES:
+        raise ValueError(f"task must be one of {sorted(_OVERRIDES)}, got {task!r}")
+    unknown = set(overrides) - _OVERRIDES[task]
+    if unknown:
+        raise ValueError(f"unknown {task} options {sorted(unknown)}; allowed: {sorted(_OVERRIDES[task])}")
+    if class_logits.ndim == 3 and class_logits.shape[-1] != config.num_classes + 1:
+        expected = config.num_classes + 1
+        raise ValueError(f"class_logits has {class_logits.shape[-1]} entries, {config.name!r} expects {expected}")
+    pp = config.postprocess
+    sizes: dict[str, Any] = {"image_sizes": image_sizes, "output_sizes": output_sizes, "padded_size": padded_size}
+    if task == "semantic":
+        return semantic_inference(class_logits, mask_logits, **sizes, **overrides)
+    if task == "instance":
+        things_only = pp.instance_things_only and config.task == "panoptic"
+        options: dict[str, Any] = {"top_k": pp.instance_top_k, "is_thing": config.is_thing if things_only else None}
+        return instance_inference(class_logits, mask_logits, **sizes, **{**options, **overrides})
+    options = {
+        "is_thing": config.is_thing,
+        "object_mask_threshold": pp.object_mask_threshold,
+        "overlap_threshold": pp.overlap_threshold,
+    }
+    return panoptic_inference(class_logits, mask_logits, **sizes, **{**options, **overrides})
