@@ -89,6 +89,8 @@ def to_batch(
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image {i} must be (h, w, 3), got shape {tuple(image.shape)}")
+        if isinstance(image, np.ndarray) and not image.flags.writeable:
+            image = image.copy()  # torch refuses read-only buffers (PIL and Arrow hand those out)
         tensors.append(torch.as_tensor(image).to(device))
     sizes = [(int(t.shape[0]), int(t.shape[1])) for t in tensors]
     hp, wp = padded_size(max(h for h, _ in sizes), max(w for _, w in sizes), cfg.size_divisibility)

@@ -11,7 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model import categories as cats
-from model.config import DecoderConfig, ModelConfig, PreprocessConfig, ResNetConfig, SwinConfig, Task
+from model.config import (
+    DecoderConfig,
+    ModelConfig,
+    PixelDecoderConfig,
+    PreprocessConfig,
+    ResNetConfig,
+    SwinConfig,
+    Task,
+)
 
 BACKBONES: dict[str, ResNetConfig | SwinConfig] = {
     "r50": ResNetConfig(depths=(3, 4, 6, 3)),
@@ -21,6 +29,25 @@ BACKBONES: dict[str, ResNetConfig | SwinConfig] = {
     "swin_b": SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12),
     "swin_l": SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
 }
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything but the classes: what `m2f train --arch NAME` builds from scratch."""
+
+    backbone: ResNetConfig | SwinConfig
+    pixel_decoder: PixelDecoderConfig = PixelDecoderConfig()
+    decoder: DecoderConfig = DecoderConfig()
+
+
+ARCHITECTURES: dict[str, Architecture] = {name: Architecture(bb) for name, bb in BACKBONES.items()}
+# The bundled demo model: ~2 M parameters (8 MB) so that it trains on a CPU and ships in the repo.
+# Trainable BatchNorm, since there is no pre-trained backbone to freeze.
+ARCHITECTURES["tiny"] = Architecture(
+    backbone=ResNetConfig(depths=(1, 2, 2, 1), stem_channels=32, widths=(64, 128, 256, 512), norm="bn"),
+    pixel_decoder=PixelDecoderConfig(conv_dim=96, mask_dim=96, num_layers=3, num_heads=4, ffn_dim=384),
+    decoder=DecoderConfig(hidden_dim=96, num_queries=20, num_heads=4, ffn_dim=384, num_layers=6),
+)
 
 
 @dataclass(frozen=True)

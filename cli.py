@@ -1,0 +1,239 @@
+"""`m2f`: the command line. Parses options into each job's config and calls `jobs/`; nothing else."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Batch Mask2Former segmentation on Ray: object storage in, COCO-RLE Parquet out.",
+)
+
+
+class Task(str, Enum):
+    semantic = "semantic"
+    instance = "instance"
+    panoptic = "panoptic"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class DataFormat(str, Enum):
+    coco_panoptic = "coco-panoptic"
+    coco_instances = "coco-instances"
+    semantic = "semantic"
+
+
+EndpointOpt = Annotated[
+    str | None, typer.Option(help="S3-compatible endpoint URL (MinIO, Ceph, moto, ...).", envvar="M2F_ENDPOINT_URL")
+]
+StorageOpt = Annotated[
+    str | None, typer.Option(help="fsspec storage options as JSON, e.g. '{\"anon\": true}' (never logged).")
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option(help="Join this Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray.")
+]
+
+
+@app.command()
+def segment(
+    input: Annotated[str, typer.Argument(help="URI prefix, local folder, glob, or manifest (.txt/.csv/.parquet).")],
+    output: Annotated[str, typer.Argument(help="Output URI prefix: Parquet dataset, run reports, previews.")],
+    model: Annotated[str, typer.Option(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")] = "demo",
+    preset: Annotated[str | None, typer.Option(help="Dataset preset for a detectron2 checkpoint.")] = None,
+    task: Annotated[Task | None, typer.Option(help="Post-processing; default: the checkpoint's task.")] = None,
+    endpoint_url: EndpointOpt = None,
+    storage_options: StorageOpt = None,
+    actors: Annotated[int, typer.Option(min=1, help="Model actors (one model copy each).")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
+    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.auto,
+    gpus_per_actor: Annotated[float, typer.Option(min=0.0, help="GPUs per actor (fractions share a GPU).")] = 1.0,
+    cpus_per_actor: Annotated[float, typer.Option(min=0.0, help="CPUs per model actor (and torch threads).")] = 1.0,
+    precision: Annotated[Precision, typer.Option(help="Autocast precision of the forward pass.")] = Precision.fp32,
+    score_threshold: Annotated[float, typer.Option(help="Drop segments scoring below this.")] = 0.0,
+    max_pixels: Annotated[int, typer.Option(help="Reject larger images (decompression bombs).")] = 100_000_000,
+    max_error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit non-zero above this error rate.")] = 0.0,
+    overwrite: Annotated[bool, typer.Option(help="Redo images that already have an ok row.")] = False,
+    preview: Annotated[int, typer.Option(min=0, help="Write this many overlay PNGs under OUTPUT/_previews/.")] = 0,
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Segment every image under INPUT and write one Parquet row per image under OUTPUT."""
+    from jobs.segment import SegmentConfig, run
+
+    config = SegmentConfig(
+        input=input,
+        output=output,
+        model=model,
+        preset=preset,
+        task=task.value if task else None,
+        endpoint_url=endpoint_url,
+        storage_options_json=storage_options,
+        actors=actors,
+        batch_size=batch_size,
+        device=device.value,
+        gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=cpus_per_actor,
+        precision=precision.value,
+        score_threshold=score_threshold,
+        max_pixels=max_pixels,
+        max_error_rate=max_error_rate,
+        overwrite=overwrite,
+        preview=preview,
+        ray_address=ray_address,
+    )
+    raise typer.Exit(run(config))
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Argument(help="Dataset root URI (see --format for the expected layout).")],
+    output: Annotated[str, typer.Argument(help="Where checkpoints and metrics.jsonl go (local or object storage).")],
+    format: Annotated[DataFormat, typer.Option(help="Annotation format under DATA.")] = DataFormat.coco_panoptic,
+    annotations: Annotated[
+        str | None, typer.Option(help="Annotation JSON (default: DATA/panoptic.json or instances.json).")
+    ] = None,
+    images: Annotated[str | None, typer.Option(help="Image folder (default: DATA/images).")] = None,
+    masks: Annotated[
+        str | None, typer.Option(help="Panoptic PNG or semantic mask folder (default: DATA/panoptic|semantic).")
+    ] = None,
+    init: Annotated[str | None, typer.Option(help="Start from this checkpoint (any format model.load reads).")] = None,
+    arch: Annotated[str, typer.Option(help="Architecture when training from scratch: tiny, r50, swin_t, ...")] = "tiny",
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP).")] = 1,
+    use_gpu: Annotated[bool, typer.Option(help="One GPU per worker; AMP on.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Or: passes over the data (default 1 when no --max-steps).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per worker per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms and embeddings).")] = 0.05,
+    backbone_lr_mult: Annotated[float, typer.Option(help="Backbone learning-rate multiplier.")] = 0.1,
+    clip_grad: Annotated[float, typer.Option(help="Clip the full-model gradient norm to this (0: off).")] = 0.01,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the poly decay.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Training crop size (large-scale jitter output).")] = 512,
+    min_scale: Annotated[float, typer.Option(help="Large-scale jitter: smallest scale.")] = 0.1,
+    max_scale: Annotated[float, typer.Option(help="Large-scale jitter: largest scale.")] = 2.0,
+    num_points: Annotated[int, typer.Option(help="Points per mask for matching and mask losses.")] = 12544,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Write a checkpoint every N steps.")] = 500,
+    threads_per_worker: Annotated[int, typer.Option(min=1, help="Torch threads (and CPUs) per worker.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    endpoint_url: EndpointOpt = None,
+    storage_options: StorageOpt = None,
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Fine-tune (or train from scratch) on Ray Train; resumes from OUTPUT's latest checkpoint."""
+    from jobs.train import TrainConfig, run
+
+    config = TrainConfig(
+        data=data,
+        output=output,
+        format=format.value,
+        annotations=annotations,
+        images=images,
+        masks=masks,
+        init=init,
+        arch=arch,
+        workers=workers,
+        use_gpu=use_gpu,
+        max_steps=max_steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        backbone_lr_mult=backbone_lr_mult,
+        clip_grad=clip_grad,
+        warmup_steps=warmup_steps,
+        image_size=image_size,
+        min_scale=min_scale,
+        max_scale=max_scale,
+        num_points=num_points,
+        checkpoint_every=checkpoint_every,
+        threads_per_worker=threads_per_worker,
+        seed=seed,
+        endpoint_url=endpoint_url,
+        storage_options_json=storage_options,
+        ray_address=ray_address,
+    )
+    raise typer.Exit(run(config))
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[str, typer.Argument(help="OUTPUT of `m2f segment` (its Parquet dataset).")],
+    ground_truth: Annotated[
+        str, typer.Argument(help="COCO instances JSON, COCO panoptic JSON, or semantic mask folder.")
+    ],
+    gt_format: Annotated[DataFormat, typer.Option(help="Ground-truth format.")] = DataFormat.coco_panoptic,
+    masks: Annotated[
+        str | None, typer.Option(help="Panoptic PNG folder (default: beside the JSON, same stem).")
+    ] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    endpoint_url: EndpointOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Score a segmentation run against ground truth: mask AP, PQ/SQ/RQ, mIoU (matched by file name)."""
+    from jobs.evaluate import EvaluateConfig, run
+
+    raise typer.Exit(
+        run(
+            EvaluateConfig(
+                predictions=predictions,
+                ground_truth=ground_truth,
+                gt_format=gt_format.value,
+                masks=masks,
+                json_out=json_out,
+                endpoint_url=endpoint_url,
+                storage_options_json=storage_options,
+            )
+        )
+    )
+
+
+@app.command("export-coco")
+def export_coco(
+    predictions: Annotated[str, typer.Argument(help="OUTPUT of `m2f segment`.")],
+    results: Annotated[str, typer.Argument(help="COCO results JSON to write.")],
+    ground_truth: Annotated[
+        str | None, typer.Option("--gt", help="COCO JSON whose image ids the results must use (matched by file name).")
+    ] = None,
+    endpoint_url: EndpointOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Write a segmentation run as COCO results JSON (what any COCO evaluation tool reads)."""
+    from jobs.evaluate import export_coco as export
+
+    raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options))
+
+
+@app.command()
+def synth(
+    output: Annotated[str, typer.Argument(help="Where to write the synthetic dataset (local path or URI).")],
+    n: Annotated[int, typer.Option(min=1, help="Number of images.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed; the seed alone determines the data.")] = 0,
+    endpoint_url: EndpointOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
+    from pipeline.storage import storage_options as make_options
+    from pipeline.synthetic import generate
+
+    summary = generate(output, n, seed, storage_options=make_options(output, endpoint_url, storage_options))
+    typer.echo(f"wrote {summary.get('images', n)} images to {output}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

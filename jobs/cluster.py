@@ -1,0 +1,44 @@
+"""Joining or starting Ray, the same way for every job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# Ray Train's placement-group cleaner polls the State API, which needs the dashboard (ray[default]);
+# without it, it warns every second for the whole run. Progress is ours to report.
+_QUIET_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train": logging.WARNING,
+    "ray.data": logging.WARNING,
+}
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker process (worker_process_setup_hook) and in the driver."""
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
+    """Connect to `address` (an existing cluster), reuse an in-process Ray, or start a local one.
+
+    Returns True when this call started Ray, i.e. the caller should shut it down when done.
+    """
+    import ray
+
+    quiet_worker_logs()
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    kwargs = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+        "runtime_env": {"worker_process_setup_hook": "jobs.cluster.quiet_worker_logs"},
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    return True
