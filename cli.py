@@ -232,7 +232,10 @@ def synth(
     from pipeline.synthetic import generate
 
     summary = generate(output, n, seed, storage_options=make_options(output, endpoint_url, storage_options))
-    typer.echo(f"wrote {summary.get('images', n)} images to {output}")
+    typer.echo(
+        f"wrote {summary['num_images']} images ({summary['num_segments']} segments, {summary['num_things']} things) "
+        f"to {output}: images/, panoptic.json + panoptic/, instances.json, semantic/"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

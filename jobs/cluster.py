@@ -18,6 +18,12 @@ def quiet_worker_logs() -> None:
     """Runs in every Ray worker process (worker_process_setup_hook) and in the driver."""
     for name, level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    try:  # Ray Train v2 logs every report at INFO through a logger named after its file path
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def connect(address: str | None, *, num_cpus: int | None = None) -> bool:

@@ -1,0 +1,142 @@
+"""The end of a segmentation run: the counts, the summary table printed to the terminal, and the run
+report `OUTPUT/_runs/<run_id>.json` (configuration without secrets, counts, skipped files, throughput,
+versions)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from typing import Any
+
+
+@dataclass
+class RunCounts:
+    """What one run saw and did. `ok`/`error` count rows written by this run."""
+
+    listed: int = 0  # image URIs the listing yielded (duplicates included)
+    duplicates: int = 0  # URIs listed more than once (a manifest repeating itself): processed once
+    already_done: int = 0  # images with an ok row from an earlier run, skipped
+    pending: int = 0  # images this run set out to process
+    ok: int = 0
+    error: int = 0
+    files_written: int = 0
+    error_reasons: Counter[str] = field(default_factory=Counter)  # by category ("not an image", ...)
+    inference_ms: float = 0.0  # summed model time of the ok rows
+
+    def add_summary(self, summary: dict[str, Any]) -> None:
+        """Fold in one write task's summary (see jobs.segment.write_part)."""
+        self.ok += int(summary["ok"])
+        self.error += int(summary["error"])
+        self.files_written += 1 if summary["file"] else 0
+        self.inference_ms += float(summary["inference_ms"])
+        self.error_reasons.update(json.loads(summary["error_reasons"]))
+
+    @property
+    def processed(self) -> int:
+        return self.ok + self.error
+
+    @property
+    def error_rate(self) -> float:
+        """Errors among the listed images' current rows: this run's errors over this run's rows plus
+        the ok rows of earlier runs (an image done yesterday is as good as one done today)."""
+        total = self.ok + self.error + self.already_done
+        return self.error / total if total else 0.0
+
+
+def error_category(reason: str) -> str:
+    """The fixed part of an error reason: "truncated or corrupt: ..." -> "truncated or corrupt"."""
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages that shape the output."""
+    out = {"python": platform.python_version()}
+    for name in ("m2f", "torch", "ray", "numpy", "pyarrow", "pillow", "pycocotools", "fsspec", "s3fs"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def build_report(
+    *,
+    run_id: str,
+    config: dict[str, Any],
+    counts: RunCounts,
+    listing: dict[str, Any],
+    model: dict[str, Any],
+    output: str,
+    started: datetime,
+    finished: datetime,
+    processing_s: float,
+    exit_code: int,
+    max_error_rate: float,
+    previews: int,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The run report as a JSON-ready dict. `config` must already be redacted."""
+    return {
+        "run_id": run_id,
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "elapsed_s": round((finished - started).total_seconds(), 3),
+        "output": output,
+        "config": config,
+        "model": model,
+        "counts": {
+            "listed": counts.listed,
+            "duplicates": counts.duplicates,
+            "already_done": counts.already_done,
+            "pending": counts.pending,
+            "ok": counts.ok,
+            "error": counts.error,
+            "error_reasons": dict(sorted(counts.error_reasons.items())),
+            "files_written": counts.files_written,
+        },
+        "error_rate": counts.error_rate,
+        "max_error_rate": max_error_rate,
+        "exit_code": exit_code,
+        "skipped_files": {
+            "count": listing.get("skipped", 0),
+            "by_extension": listing.get("skipped_by_extension", {}),
+            "sample": listing.get("skipped_sample", []),
+        },
+        "throughput": {
+            "processing_s": round(processing_s, 3),
+            "images_per_s": round(counts.processed / processing_s, 3) if processing_s > 0 else None,
+            "mean_inference_ms": round(counts.inference_ms / counts.ok, 3) if counts.ok else None,
+        },
+        "previews": previews,
+        "warnings": warnings,
+        "versions": versions(),
+    }
+
+
+def summary_table(counts: RunCounts, *, skipped_files: int, processing_s: float, output: str, report: str) -> str:
+    """The table printed at the end of a run."""
+    rate = f"{counts.processed / processing_s:.2f}" if processing_s > 0 and counts.processed else "-"
+    rows = [
+        ("images ok", str(counts.ok)),
+        ("images error", str(counts.error)),
+        ("skipped (already done)", str(counts.already_done)),
+        ("non-image files skipped", str(skipped_files)),
+    ]
+    if counts.duplicates:
+        rows.append(("duplicate URIs ignored", str(counts.duplicates)))
+    rows += [
+        ("images / s", rate),
+        ("error rate", f"{counts.error_rate:.4f}"),
+        ("output", output),
+        ("run report", report),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name:<{width}}  {value}" for name, value in rows]
+    if counts.error_reasons:
+        lines.append("  errors by reason:")
+        lines += [f"    {n:>6}  {reason}" for reason, n in counts.error_reasons.most_common()]
+    return "\n".join(lines)

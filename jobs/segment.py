@@ -1,0 +1,673 @@
+"""`m2f segment`: list INPUT, skip what OUTPUT already holds, stream the rest through Ray Data, report.
+
+The Ray Data pipeline, one row per listed image all the way:
+
+    work manifest (Parquet, URIs)  --read_parquet, small blocks-->
+    prepare_images (CPU tasks: read, decode, resize)  -->
+    Segmenter (actor pool: the model, post-processing, RLE)  -->
+    write_part (CPU tasks: one Parquet part file per batch of rows)  --small summaries--> driver
+
+Layout of OUTPUT:
+    part-<run_id>-<uuid>.parquet   the dataset (OUTPUT_SCHEMA), each file written atomically
+    _runs/<run_id>.json            the run report
+    _runs/<run_id>-work/           the run's work manifest, removed when the run ends
+    _previews/<image_id>.png       overlays (--preview N)
+    _quarantine/                   unreadable part files found on resume, moved out of the dataset
+
+Exactly once: a part file appears whole or not at all (hidden temporary + rename locally, one PUT on
+object stores). Before processing, the run reads `image_id` and `status` of the existing part files: images
+with an ok row are skipped (unless --overwrite), and every row of an image about to be processed is
+removed from its file (an atomic rewrite), so that after the run each listed image has one row. A run
+killed at any moment leaves whole part files and at most hidden temporaries, which the next run removes.
+One run per OUTPUT at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import typer
+from fsspec import AbstractFileSystem
+
+from jobs.report import RunCounts, build_report, error_category, summary_table
+from model.config import TASKS, PreprocessConfig
+from pipeline.infer import PRECISIONS, Segmenter, model_label, prepare_images, scrub, secret_values
+from pipeline.preview import PREVIEWS_DIR
+from pipeline.schema import OUTPUT_SCHEMA, STATUS_ERROR, STATUS_OK
+from pipeline.sources import Listing, list_inputs
+from pipeline.storage import (
+    is_local,
+    is_temporary,
+    open_fs,
+    qualify,
+    redact,
+    remove_temporaries,
+    storage_options,
+    write_atomic,
+)
+
+PART_PATTERN = re.compile(r"^part-.+\.parquet$")
+RUNS_DIR = "_runs"
+QUARANTINE_DIR = "_quarantine"
+DEVICES = ("auto", "cpu", "cuda")
+
+WORK_CHUNK = 100_000  # URIs per work-manifest file: the most the driver holds at once
+PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
+ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
+# Rows per output part file. Larger files suit analysts, smaller ones lose less work to a kill.
+ROWS_PER_FILE = int(os.environ.get("M2F_ROWS_PER_FILE", "512"))
+PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything `m2f segment` was asked to do (cli.py fills it; see `m2f segment --help`)."""
+
+    input: str
+    output: str
+    model: str = "demo"
+    preset: str | None = None
+    task: str | None = None  # None: the checkpoint's own task
+    endpoint_url: str | None = None
+    storage_options_json: str | None = None  # may hold credentials: never printed or stored as is
+    actors: int = 1
+    batch_size: int = 4
+    device: str = "auto"
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0
+    precision: str = "fp32"
+    score_threshold: float = 0.0
+    max_pixels: int = 100_000_000
+    max_error_rate: float = 0.0
+    overwrite: bool = False
+    preview: int = 0
+    ray_address: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option."""
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        for name in ("actors", "batch_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_actor", "cpus_per_actor", "preview"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"--max-error-rate must lie in [0, 1], got {self.max_error_rate}")
+        if self.storage_options_json:  # checked even when every path is local and would never parse it
+            storage_options("s3://", None, self.storage_options_json)
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration for the report: storage options parsed and redacted, URLs stripped of passwords."""
+        out = asdict(self)
+        raw = out.pop("storage_options_json")
+        try:
+            out["storage_options"] = redact(json.loads(raw)) if raw else None
+        except (json.JSONDecodeError, TypeError):
+            out["storage_options"] = "***"
+        return redact(out)
+
+
+def new_run_id() -> str:
+    """UTC timestamp plus a short random suffix: sortable, and unique across concurrent starts."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+# --- image ids as uint64 --------------------------------------------------------------------------
+
+
+def uri_key(uri: str) -> int:
+    """`schema.image_id(uri)` as an integer: the first 8 bytes of sha256, big-endian."""
+    return int.from_bytes(hashlib.sha256(uri.encode("utf-8")).digest()[:8], "big")
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def ids_to_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """16-hex-digit image ids -> (N,) uint64, vectorised. Raises ValueError on anything else."""
+    values = ids.to_numpy(zero_copy_only=False) if len(ids) else np.empty(0, object)
+    if len(values) and (pc.any(pc.not_equal(pc.utf8_length(ids), 16)).as_py() or ids.null_count):
+        raise ValueError("image_id values must be 16 hex digits")
+    digits = _HEX[np.frombuffer(np.asarray(values, dtype="S16").tobytes(), np.uint8)].reshape(-1, 16)  # (N, 16)
+    if (digits == 255).any():
+        raise ValueError("image_id values must be 16 hex digits")
+    shifts = np.arange(60, -1, -4, dtype=np.uint64)  # most significant digit first
+    return np.bitwise_or.reduce(digits.astype(np.uint64) << shifts, axis=1)
+
+
+def isin_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """values (N,) uint64 -> (N,) bool: present in `sorted_keys` (ascending, unique)."""
+    if len(sorted_keys) == 0 or len(values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.searchsorted(sorted_keys, values).clip(max=len(sorted_keys) - 1)
+    return sorted_keys[at] == values
+
+
+# --- what OUTPUT already holds --------------------------------------------------------------------
+
+
+@dataclass
+class Existing:
+    """The state of OUTPUT before the run."""
+
+    ok_keys: np.ndarray  # (N,) uint64, sorted unique: images with an ok row
+    parts: list[str]  # readable part files
+    with_errors: list[str]  # the part files holding at least one error row
+    other_model_rows: int = 0  # ok rows made with another model or task
+    quarantined: list[str] = field(default_factory=list)
+    temporaries_removed: int = 0
+
+
+def _read_columns(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def scan_output(fs: AbstractFileSystem, root: str, *, model: str, task: str) -> Existing:
+    """Read `image_id`/`status` of every part file under `root`; clean up after killed runs.
+
+    Temporaries (hidden, with the temporary marker) are removed; a part file that cannot be read as our
+    schema is moved to `_quarantine/` so that neither this run nor a reader of the dataset trips on it.
+    """
+    if not fs.exists(root):
+        return Existing(np.empty(0, np.uint64), [], [])
+    fs.invalidate_cache(root)
+    entries = fs.ls(root, detail=True)
+    temporaries = [e["name"] for e in entries if is_temporary(e["name"])]
+    for sub in (RUNS_DIR, PREVIEWS_DIR):
+        folder = posixpath.join(root, sub)
+        if fs.isdir(folder):
+            temporaries += [p for p in fs.ls(folder, detail=False) if is_temporary(p)]
+    existing = Existing(np.empty(0, np.uint64), [], [], temporaries_removed=remove_temporaries(fs, temporaries))
+    ok_chunks = []
+    parts = sorted(
+        e["name"] for e in entries if e["type"] == "file" and PART_PATTERN.match(posixpath.basename(e["name"]))
+    )
+    for path in parts:
+        try:
+            table = _read_columns(fs, path, ["image_id", "status", "task", "model"])
+            keys = ids_to_keys(table["image_id"])
+        except Exception as e:
+            existing.quarantined.append(_quarantine(fs, root, path, e))
+            continue
+        ok = pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
+        ok_chunks.append(keys[ok])
+        same = pc.and_(pc.equal(table["task"], task), pc.equal(table["model"], model)).to_numpy(zero_copy_only=False)
+        existing.other_model_rows += int((ok & ~same).sum())
+        existing.parts.append(path)
+        if not ok.all():
+            existing.with_errors.append(path)
+    if ok_chunks:
+        existing.ok_keys = np.unique(np.concatenate(ok_chunks))
+    return existing
+
+
+def _quarantine(fs: AbstractFileSystem, root: str, path: str, e: Exception) -> str:
+    target = posixpath.join(root, QUARANTINE_DIR, posixpath.basename(path))
+    fs.makedirs(posixpath.dirname(target), exist_ok=True)
+    fs.mv(path, target)
+    log.warning("moved unreadable part file %s to %s (%s)", path, target, type(e).__name__)
+    return target
+
+
+def drop_rows(fs: AbstractFileSystem, paths: list[str], pending: np.ndarray, ok_keys: np.ndarray) -> int:
+    """Remove from `paths` the rows of images about to be processed (`pending`), and error rows of
+    images that have an ok row; each file is rewritten atomically, or deleted once empty. Returns the
+    number of rows removed."""
+    removed = 0
+    for path in paths:
+        table = _read_columns(fs, path, ["image_id", "status"])
+        keys = ids_to_keys(table["image_id"])
+        error = pc.equal(table["status"], STATUS_ERROR).to_numpy(zero_copy_only=False)
+        drop = isin_sorted(keys, pending) | (error & isin_sorted(keys, ok_keys))
+        if not drop.any():
+            continue
+        removed += int(drop.sum())
+        if drop.all():
+            fs.rm(path)
+        else:
+            kept = _read_columns(fs, path).filter(pa.array(~drop))
+            write_atomic(fs, path, _parquet_bytes(kept))
+    return removed
+
+
+# --- the work manifest ----------------------------------------------------------------------------
+
+
+@dataclass
+class WorkPlan:
+    files: list[str]  # work-manifest Parquet files (paths on the output filesystem)
+    pending: np.ndarray  # (N,) uint64 sorted: the images this run processes
+    listed: int = 0
+    duplicates: int = 0
+    already_done: int = 0
+
+
+def plan_work(
+    listing: Listing, ok_keys: np.ndarray, *, overwrite: bool, fs: AbstractFileSystem, folder: str
+) -> WorkPlan:
+    """Stream the listing into work-manifest files of at most WORK_CHUNK URIs, leaving out images that
+    already have an ok row (unless `overwrite`) and URIs listed before. The driver holds one chunk of
+    URIs and 8 bytes per listed image."""
+    seen = np.empty(0, np.uint64)  # sorted keys of every URI listed so far
+    plan = WorkPlan(files=[], pending=np.empty(0, np.uint64))
+    pending_chunks = []
+    for chunk in listing.batches(WORK_CHUNK):
+        keys = np.fromiter((uri_key(u) for u in chunk), dtype=np.uint64, count=len(chunk))
+        keep = np.zeros(len(chunk), dtype=bool)
+        keep[np.unique(keys, return_index=True)[1]] = True  # the first of repeats within the chunk
+        keep &= ~isin_sorted(keys, seen)
+        plan.listed += len(chunk)
+        plan.duplicates += int(len(chunk) - keep.sum())
+        fresh = np.sort(keys[keep])
+        seen = np.insert(seen, np.searchsorted(seen, fresh), fresh)
+        if not overwrite:
+            done = keep & isin_sorted(keys, ok_keys)
+            plan.already_done += int(done.sum())
+            keep &= ~done
+        if keep.any():
+            uris = [u for u, k in zip(chunk, keep.tolist(), strict=True) if k]
+            path = posixpath.join(folder, f"work-{len(plan.files):06d}.parquet")
+            write_atomic(fs, path, _parquet_bytes(pa.table({"image_uri": pa.array(uris, pa.string())})))
+            plan.files.append(path)
+            pending_chunks.append(keys[keep])
+    if pending_chunks:
+        plan.pending = np.sort(np.concatenate(pending_chunks))
+    return plan
+
+
+# --- the write stage ------------------------------------------------------------------------------
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("file", pa.string()),
+        pa.field("ok", pa.int64()),
+        pa.field("error", pa.int64()),
+        pa.field("inference_ms", pa.float64()),
+        pa.field("error_reasons", pa.string()),  # JSON {category: count}
+    ]
+)
+
+
+def write_part(
+    table: pa.Table,
+    *,
+    output: str,
+    run_id: str,
+    endpoint_url: str | None = None,
+    storage_options_json: str | None = None,
+) -> pa.Table:
+    """Write `table` (OUTPUT_SCHEMA rows) as one part file under `output`; return a one-row summary.
+
+    The file name is new (run id + uuid), so a retried task can never clobber another file: at worst a
+    retry after a lost summary writes its rows twice, which the next resume's scan still reads as done.
+    """
+    table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    status = table["status"]
+    ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
+    reasons = Counter(error_category(r) for r in table["error"].to_pylist() if r is not None)
+    inference_ms = pc.sum(pc.if_else(pc.equal(status, STATUS_OK), table["inference_ms"], 0.0)).as_py() or 0.0
+    name = ""
+    if table.num_rows:
+        fs, root = open_fs(output, storage_options(output, endpoint_url, storage_options_json))
+        name = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+        write_atomic(fs, posixpath.join(root, name), _parquet_bytes(table))
+    summary = {
+        "file": [name],
+        "ok": [ok],
+        "error": [table.num_rows - ok],
+        "inference_ms": [float(inference_ms)],
+        "error_reasons": [json.dumps(dict(reasons))],
+    }
+    return pa.table(summary, schema=SUMMARY_SCHEMA)
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join `address`, reuse a Ray already initialised in this process, or start a local one.
+
+    Only a Ray started here is shut down here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def resolve_device(requested: str, cluster_gpus: float, gpus_per_actor: float) -> str:
+    """auto -> cuda when the Ray cluster has GPUs, else cpu; cuda without GPUs is an error."""
+    if requested == "auto":
+        return "cuda" if cluster_gpus > 0 and gpus_per_actor > 0 else "cpu"
+    if requested == "cuda":
+        if cluster_gpus <= 0:
+            raise ValueError("--device cuda, but the Ray cluster has no GPU")
+        if gpus_per_actor <= 0:
+            raise ValueError("--device cuda needs --gpus-per-actor > 0")
+    return requested
+
+
+def _arrow_fs(fs: AbstractFileSystem) -> Any:
+    """A pyarrow filesystem for Ray's readers: None (local paths) or the fsspec one wrapped."""
+    if is_local(fs):
+        return None
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    ctx.verbose_stats_logs = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def execute(
+    config: SegmentConfig,
+    plan: WorkPlan,
+    *,
+    fs: AbstractFileSystem,
+    preprocess: PreprocessConfig,
+    task: str,
+    device: str,
+    run_id: str,
+    counts: RunCounts,
+) -> None:
+    """Run the Ray Data pipeline over the work manifest, folding write summaries into `counts`."""
+    import ray.data
+
+    _quiet_ray_data()
+    io_options = {"endpoint_url": config.endpoint_url, "storage_options_json": config.storage_options_json}
+    ds = ray.data.read_parquet(plan.files, filesystem=_arrow_fs(fs))
+    # Small blocks spread decoding over every CPU (a work file is one block of up to WORK_CHUNK URIs).
+    ds = ds.repartition(target_num_rows_per_block=PREPARE_ROWS)
+    ds = ds.map_batches(
+        prepare_images,
+        batch_size=PREPARE_ROWS,
+        batch_format="numpy",
+        fn_kwargs={"preprocess": preprocess, "max_pixels": config.max_pixels, **io_options},
+        memory=PREPARE_MEMORY,
+    )
+    gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
+    ds = ds.map_batches(
+        Segmenter,
+        batch_size=config.batch_size * ACTOR_BATCHES,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        num_cpus=config.cpus_per_actor,
+        fn_constructor_args=(config.model,),
+        fn_constructor_kwargs={
+            "run_id": run_id,
+            "device": device,
+            "task": task,
+            "precision": config.precision,
+            "batch_size": config.batch_size,
+            "score_threshold": config.score_threshold,
+            "preset": config.preset,
+            "storage_options": storage_options(config.model, config.endpoint_url, config.storage_options_json),
+            "num_threads": max(1, int(config.cpus_per_actor)),
+        },
+        **gpu,
+    )
+    ds = ds.map_batches(
+        write_part,
+        batch_size=ROWS_PER_FILE,
+        batch_format="pyarrow",
+        fn_kwargs={"output": config.output, "run_id": run_id, **io_options},
+        num_cpus=0.5,  # mostly waiting on storage
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for summary in batch.to_pylist():
+            counts.add_summary(summary)
+
+
+# --- the job --------------------------------------------------------------------------------------
+
+
+def _echo(message: str, secrets_: list[str], *, err: bool = False) -> None:
+    typer.echo(scrub(message, secrets_), err=err)
+
+
+def run(config: SegmentConfig) -> int:
+    """Run the job; returns the exit code: 0 when the error rate stays within --max-error-rate, 1 above it,
+    2 for bad arguments (nothing done), 3 when the job itself failed (Ray, storage; a re-run resumes)."""
+    started = datetime.now(timezone.utc)
+    run_id = new_run_id()
+    known_secrets = secret_values(_parsed_options(config.storage_options_json))
+    try:
+        config.validate()
+        in_options = storage_options(config.input, config.endpoint_url, config.storage_options_json)
+        out_options = storage_options(config.output, config.endpoint_url, config.storage_options_json)
+        model_options = storage_options(config.model, config.endpoint_url, config.storage_options_json)
+        listing = list_inputs(config.input, in_options)
+        fs, root = open_fs(config.output, out_options)
+        if fs.isfile(root):
+            raise ValueError(f"OUTPUT {config.output!r} is a file; give a folder or prefix")
+        probe = _probe_model(config, model_options)
+    except (ValueError, FileNotFoundError) as e:
+        _echo(f"error: {e}", known_secrets, err=True)
+        return 2
+    task = config.task or probe["task"]
+    output = qualify(fs, root)
+    warnings: list[str] = []
+
+    existing = scan_output(fs, root, model=probe["label"], task=task)
+    if existing.temporaries_removed:
+        _echo(f"removed {existing.temporaries_removed} temporary file(s) left by an interrupted run", known_secrets)
+    for path in existing.quarantined:
+        warnings.append(f"unreadable part file moved to {path}")
+    if existing.other_model_rows and not config.overwrite:
+        warnings.append(
+            f"{existing.other_model_rows} existing ok rows were made with another model or task; they are kept "
+            "(use --overwrite to redo them, or another OUTPUT)"
+        )
+    for warning in warnings:
+        _echo(f"warning: {warning}", known_secrets, err=True)
+
+    work_dir = posixpath.join(root, RUNS_DIR, f"{run_id}-work")
+    counts = RunCounts()
+    processing_s = 0.0
+    failure: str | None = None
+    try:
+        _remove_stale_work(fs, root)
+        try:
+            plan = plan_work(listing, existing.ok_keys, overwrite=config.overwrite, fs=fs, folder=work_dir)
+        except (ValueError, FileNotFoundError) as e:  # a manifest without a uri column, a vanished folder
+            _echo(f"error: {e}", known_secrets, err=True)
+            return 2
+        counts.listed, counts.duplicates = plan.listed, plan.duplicates
+        counts.already_done, counts.pending = plan.already_done, len(plan.pending)
+        listing_summary = listing.summary()
+        _echo(
+            f"m2f segment {run_id}: {plan.listed} images listed ({listing.skipped_count} other files skipped), "
+            f"{plan.already_done} already done, {counts.pending} to process with {probe['label']} ({task})",
+            known_secrets,
+        )
+        candidates = existing.parts if config.overwrite else existing.with_errors
+        dropped = drop_rows(fs, candidates, plan.pending, existing.ok_keys)
+        if dropped:
+            _echo(f"removed {dropped} earlier row(s) of images this run redoes", known_secrets)
+
+        if counts.pending:
+            with ray_session(config.ray_address):
+                import ray
+
+                try:
+                    device = resolve_device(config.device, ray.cluster_resources().get("GPU", 0), config.gpus_per_actor)
+                    if config.precision == "fp16" and device != "cuda":
+                        raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+                except ValueError as e:
+                    _echo(f"error: {e}", known_secrets, err=True)
+                    return 2
+                start = time.perf_counter()
+                try:
+                    execute(
+                        config,
+                        plan,
+                        fs=fs,
+                        preprocess=probe["preprocess"],
+                        task=task,
+                        device=device,
+                        run_id=run_id,
+                        counts=counts,
+                    )
+                except Exception as e:  # Ray or storage failed: what was written stays, a re-run resumes
+                    failure = f"the job failed: {type(e).__name__}: {e}"
+                processing_s = time.perf_counter() - start
+        if failure is None and counts.processed != counts.pending:
+            warnings.append(f"{counts.pending} images were to be processed but {counts.processed} rows came back")
+    finally:
+        with contextlib.suppress(Exception):
+            fs.rm(work_dir, recursive=True)
+
+    if failure is not None:
+        _echo(f"error: {failure}", known_secrets, err=True)
+        warnings.append(failure)
+    previews = 0
+    if config.preview and failure is None:
+        from pipeline.preview import write_previews
+
+        previews = write_previews(
+            fs,
+            root,
+            config.preview,
+            endpoint_url=config.endpoint_url,
+            storage_options_json=config.storage_options_json,
+            max_pixels=config.max_pixels,
+        )
+
+    exit_code = 0 if counts.error_rate <= config.max_error_rate else 1
+    if failure is not None:
+        exit_code = 3
+    report_path = posixpath.join(root, RUNS_DIR, f"{run_id}.json")
+    report = build_report(
+        run_id=run_id,
+        config=config.redacted(),
+        counts=counts,
+        listing=listing_summary,
+        model={"name": probe["name"], "sha256": probe["sha256"], "label": probe["label"], "task": task},
+        output=output,
+        started=started,
+        finished=datetime.now(timezone.utc),
+        processing_s=processing_s,
+        exit_code=exit_code,
+        max_error_rate=config.max_error_rate,
+        previews=previews,
+        warnings=warnings,
+    )
+    text = scrub(json.dumps(report, indent=2, default=str), known_secrets)
+    write_atomic(fs, report_path, text + "\n")
+
+    table = summary_table(
+        counts,
+        skipped_files=listing.skipped_count,
+        processing_s=processing_s,
+        output=output,
+        report=qualify(fs, report_path),
+    )
+    _echo(table, known_secrets)
+    if previews:
+        _echo(f"  previews: {qualify(fs, posixpath.join(root, PREVIEWS_DIR))} ({previews} PNGs)", known_secrets)
+    if exit_code:
+        _echo(
+            f"error rate {counts.error_rate:.4f} ({counts.error} errors, {counts.ok + counts.already_done} ok) "
+            f"exceeds --max-error-rate {config.max_error_rate}",
+            known_secrets,
+            err=True,
+        )
+    return exit_code
+
+
+def _parsed_options(options_json: str | None) -> dict[str, Any]:
+    try:
+        parsed = json.loads(options_json) if options_json else {}
+    except json.JSONDecodeError:
+        return {"secret": options_json}  # unparseable: treat the whole text as secret
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _probe_model(config: SegmentConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """Load the checkpoint once in the driver (CPU) for what the plan needs: name, checksum, default task,
+    preprocessing. A checkpoint that does not load stops the job here, before any work starts."""
+    import model as m2f_model
+
+    try:
+        net = m2f_model.load(config.model, "cpu", preset=config.preset, storage_options=options)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot load --model {config.model!r}: {e}") from None
+    cfg, sha = net.config, net.checkpoint_sha256
+    del net
+    return {
+        "name": cfg.name,
+        "sha256": sha,
+        "label": model_label(cfg.name, sha),
+        "task": cfg.task,
+        "preprocess": cfg.preprocess,
+    }
+
+
+def _remove_stale_work(fs: AbstractFileSystem, root: str) -> None:
+    """Work manifests of runs that were killed (one run per OUTPUT at a time, so none is live)."""
+    folder = posixpath.join(root, RUNS_DIR)
+    if not fs.isdir(folder):
+        return
+    for entry in fs.ls(folder, detail=True):
+        if entry["type"] == "directory" and entry["name"].rstrip("/").endswith("-work"):
+            fs.rm(entry["name"], recursive=True)

@@ -1,0 +1,142 @@
+"""`m2f train` on Ray Train, for real: 2 CPU workers (gloo DDP), checkpoints, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import model as m2f
+from cli import app
+from jobs.train import TrainConfig, build_for_training, lr_factor, param_groups
+from model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, ResNetConfig
+from pipeline.synthetic import SYNTHETIC_CATEGORIES, generate
+
+FAST = ["--image-size", "64", "--min-scale", "0.8", "--max-scale", "1.0", "--num-points", "256", "--batch-size", "1"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("scenes")
+    generate(str(root), 6, seed=3)
+    return str(root)
+
+
+def test_two_workers_train_and_write_a_loadable_model(scenes, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", scenes, str(out), "--workers", "2", "--max-steps", "3", "--checkpoint-every", "2", *FAST]
+    )
+    assert result.exit_code == 0, result.output
+    latest = json.loads((out / "latest.json").read_text())
+    assert latest["step"] == 3
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(x["loss"] > 0 and x["lr"] >= 0 for x in lines)
+    trained = m2f.load(str(out / "model.safetensors"))
+    assert trained.config.class_names == tuple(c["name"] for c in SYNTHETIC_CATEGORIES)
+    assert trained.config.task == "panoptic"
+    with torch.no_grad():
+        assert torch.isfinite(trained(torch.randn(1, 3, 64, 64)).mask_logits).all()
+
+
+def test_killed_run_resumes_from_its_latest_checkpoint(scenes, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-c",
+        "from cli import app; app()",
+        "train",
+        scenes,
+        str(out),
+        "--max-steps",
+        "8",
+        "--checkpoint-every",
+        "2",
+        *FAST,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=Path(__file__).parents[1],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            latest = out / "latest.json"
+            if latest.exists() and json.loads(latest.read_text())["step"] >= 2:
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint within 240 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = json.loads((out / "latest.json").read_text())["step"]
+    assert 2 <= killed_at < 8
+    rerun = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resuming from step {killed_at}" in rerun.stdout + rerun.stderr
+    assert json.loads((out / "latest.json").read_text())["step"] == 8
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # the metrics file continues where the checkpoint left off
+    assert len(list((out / "checkpoints").glob("*.safetensors"))) <= 3  # older ones pruned
+
+
+def tiny_config(num_classes: int) -> ModelConfig:
+    return ModelConfig(
+        name="tiny3",
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=8, widths=(16, 32, 64, 128), norm="bn"),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_layers=1, num_heads=4, ffn_dim=64, num_groups=8),
+        decoder=DecoderConfig(hidden_dim=32, num_queries=8, num_heads=4, ffn_dim=64, num_layers=2),
+        num_classes=num_classes,
+        class_names=tuple(f"c{i}" for i in range(num_classes)),
+        is_thing=(True,) * num_classes,
+    )
+
+
+def test_init_with_other_classes_resets_only_the_class_head(scenes, tmp_path):
+    base = m2f.build_model(tiny_config(3))
+    m2f.save(base, tmp_path / "base.safetensors")
+    cfg = TrainConfig(data=scenes, output=str(tmp_path / "out"), init=str(tmp_path / "base.safetensors"))
+    net, reset = build_for_training(cfg, list(SYNTHETIC_CATEGORIES))
+    assert reset == ["transformer_decoder.class_embed.weight", "transformer_decoder.class_embed.bias"]
+    assert net.config.num_classes == 5 and net.config.class_names[3] == "sky"
+    own = base.state_dict()
+    for key, value in net.state_dict().items():
+        if key not in reset:
+            assert torch.equal(value, own[key]), key
+
+
+def test_schedule_and_parameter_groups():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.001)
+    assert lr_factor(10, 100, 10) == pytest.approx((1 - 0.1) ** 0.9)
+    assert lr_factor(100, 100, 0) == 0.0
+    net = m2f.build_model(tiny_config(3))
+    cfg = TrainConfig(data="x", output="y", lr=1e-4, backbone_lr_mult=0.1, weight_decay=0.05)
+    groups = param_groups(net, cfg)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(net.named_parameters())
+    assert by_id[id(named["backbone.stem.conv.weight"])]["lr"] == pytest.approx(1e-5)
+    assert by_id[id(named["transformer_decoder.class_embed.weight"])]["weight_decay"] == 0.05
+    for no_decay in (
+        "transformer_decoder.query_feat.weight",
+        "pixel_decoder.level_embed",
+        "transformer_decoder.decoder_norm.weight",
+        "backbone.stem.norm.weight",
+    ):
+        assert by_id[id(named[no_decay])]["weight_decay"] == 0.0, no_decay
+    assert sum(len(g["params"]) for g in groups) == len(named)
