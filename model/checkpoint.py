@@ -132,7 +132,16 @@ def to_bytes(model: Mask2Former, config: ModelConfig | None = None) -> bytes:
     config = config or model.config
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_TAG, "version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict())}
-    return save_safetensors_bytes(sd, metadata=meta)
+    return _canonical_header(save_safetensors_bytes(sd, metadata=meta))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted: safetensors writes `__metadata__` in hash-map
+    order, which changes from call to call, so equal models would get different bytes and sha256."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # tensor data stays 8-byte aligned
+    return struct.pack("<Q", len(header)) + header + data[8 + n :]
 
 
 def save(model: Mask2Former, path_or_uri: str | Path, *, storage_options: dict[str, Any] | None = None) -> str:

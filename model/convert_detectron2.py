@@ -22,7 +22,7 @@ from model.config import (
     ResNetConfig,
     SwinConfig,
 )
-from model.keymap import KeyMap
+from model.keymap import CheckpointMismatch, KeyMap
 from model.presets import PRESETS, class_metadata, dataset_names, preprocess_for
 
 PD_NAME, PR_NAME = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
@@ -104,6 +104,13 @@ D2_KEYMAP = KeyMap(
 )
 
 
+def _need(sd: dict[str, Tensor], key: str) -> Tensor:
+    """A tensor the architecture is read from; its absence is a checkpoint mismatch, named."""
+    if key not in sd:
+        raise CheckpointMismatch(f"checkpoint does not fit the architecture: missing {key!r} (its shape is needed)")
+    return sd[key]
+
+
 def _count(sd: dict[str, Tensor], pattern: str) -> int:
     rx = re.compile(pattern)
     found = {int(m[1]) for k in sd if (m := rx.match(k))}
@@ -113,7 +120,7 @@ def _count(sd: dict[str, Tensor], pattern: str) -> int:
 def _backbone_from_weights(sd: dict[str, Tensor]) -> ResNetConfig | SwinConfig:
     if "backbone.stem.conv1.weight" in sd:
         depths = tuple(_count(sd, rf"backbone\.res{i}\.(\d+)\.") for i in range(2, 6))
-        widths = tuple(sd[f"backbone.res{i}.0.conv3.weight"].shape[0] for i in range(2, 6))
+        widths = tuple(_need(sd, f"backbone.res{i}.0.conv3.weight").shape[0] for i in range(2, 6))
         return ResNetConfig(depths=depths, stem_channels=sd["backbone.stem.conv1.weight"].shape[0], widths=widths)
     if "backbone.patch_embed.proj.weight" in sd:
         if "backbone.absolute_pos_embed" in sd:
@@ -121,7 +128,7 @@ def _backbone_from_weights(sd: dict[str, Tensor]) -> ResNetConfig | SwinConfig:
         proj = sd["backbone.patch_embed.proj.weight"]
         stages = _count(sd, r"backbone\.layers\.(\d+)\.")
         depths = tuple(_count(sd, rf"backbone\.layers\.{i}\.blocks\.(\d+)\.") for i in range(stages))
-        tables = [sd[f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(stages)]
+        tables = [_need(sd, f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table") for i in range(stages)]
         window = (math.isqrt(tables[0].shape[0]) + 1) // 2
         return SwinConfig(
             embed_dim=proj.shape[0],
@@ -139,28 +146,29 @@ def _backbone_from_weights(sd: dict[str, Tensor]) -> ResNetConfig | SwinConfig:
 def config_from_detectron2(sd: dict[str, Tensor], preset: str | None = None, name: str = "detectron2") -> ModelConfig:
     """Architecture from the weights' shapes; classes and resize from `preset` or the class count."""
     backbone = _backbone_from_weights(sd)
-    pre_attn = sd[PD_NAME + "transformer.encoder.layers.0.self_attn.attention_weights.weight"]
+    pre_attn = _need(sd, PD_NAME + "transformer.encoder.layers.0.self_attn.attention_weights.weight")
     heads_points = pre_attn.shape[0] // 3  # 3 levels
     pixel_decoder = PixelDecoderConfig(
-        conv_dim=sd[PD_NAME + "input_proj.0.0.weight"].shape[0],
-        mask_dim=sd[PD_NAME + "mask_features.weight"].shape[0],
+        conv_dim=_need(sd, PD_NAME + "input_proj.0.0.weight").shape[0],
+        mask_dim=_need(sd, PD_NAME + "mask_features.weight").shape[0],
         num_layers=_count(sd, PD + r"transformer\.encoder\.layers\.(\d+)\."),
         num_heads=heads_points // 4,  # the official 4 sampling points per head and level
         num_points=4,
-        ffn_dim=sd[PD_NAME + "transformer.encoder.layers.0.linear1.weight"].shape[0],
+        ffn_dim=_need(sd, PD_NAME + "transformer.encoder.layers.0.linear1.weight").shape[0],
     )
     pr = PR_NAME
-    query_feat = sd[pr + "query_feat.weight"]
+    query_feat = _need(sd, pr + "query_feat.weight")
     hidden = query_feat.shape[1]
     decoder = DecoderConfig(
         hidden_dim=hidden,
         num_queries=query_feat.shape[0],
-        num_heads=8,  # not recoverable from shapes; every official model uses 8
-        ffn_dim=sd[pr + "transformer_ffn_layers.0.linear1.weight"].shape[0],
+        # not in any shape; the official MODEL.MASK_FORMER.NHEADS sets both the pixel decoder's and these heads
+        num_heads=pixel_decoder.num_heads,
+        ffn_dim=_need(sd, pr + "transformer_ffn_layers.0.linear1.weight").shape[0],
         num_layers=_count(sd, PR + r"transformer_ffn_layers\.(\d+)\."),
         enforce_input_projection=(pr + "input_proj.0.weight") in sd and pixel_decoder.conv_dim == hidden,
     )
-    num_classes = sd[pr + "class_embed.weight"].shape[0] - 1
+    num_classes = _need(sd, pr + "class_embed.weight").shape[0] - 1
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")

@@ -1,21 +1,26 @@
 """Official Mask2Former inference (semantic, instance, panoptic) on batched raw outputs, CPU or GPU.
 
-Every task follows the official `MaskFormer.forward` at test time: mask logits are upsampled bilinearly to
-the padded network input, cropped to the resized image, resized bilinearly to the original image, and the
-per-image algorithm runs at that size. Bilinear resizing is independent per query, so it is done a chunk of
-queries at a time, and only for the queries that can change the result; the outcome equals resizing all.
+Every task follows the official `MaskFormer.forward` at test time (facebookresearch/Mask2Former,
+`mask2former/maskformer_model.py`): mask logits are upsampled bilinearly to the padded network input, and then
+- with `sem_seg_postprocess_before_inference` (true whenever panoptic or instance inference is on), cropped to
+  the resized image and resized bilinearly to the original image, and the per-image algorithm runs at that size;
+- otherwise (a semantic-only model) `semantic_inference` runs at the padded size and its K-class score map is
+  cropped and resized to the original image (detectron2's `sem_seg_postprocess`).
+`semantic_inference(resize_first=...)` offers both orders; `postprocess` resizes first only for a panoptic or
+instance model. Bilinear resizing is independent per query (and per class), so it is done a chunk at a time,
+and only for the queries that can change the result; the outcome equals resizing all at once.
 
 Where this deliberately differs from the official code:
 - instance segments are returned sorted by score (the official order is `topk(sorted=False)`'s);
 - panoptic segments carry a score (their query's class probability; a merged stuff segment keeps the max);
-- semantic output is one segment per present class with a mean per-pixel class probability as its score,
-  and the resize happens on the mask logits before inference, as the official code does whenever panoptic
-  or instance inference is on (its semantic-only configs resize the K-class map after inference instead).
+- semantic output is one segment per present class (the argmax map) with a score: the mean over the segment's
+  pixels of the normalised per-pixel class probability semseg[k] / sum_k' semseg[k'].
 
 Where it differs from Hugging Face's `Mask2FormerImageProcessor.post_process_*` (read in transformers 5.23):
 - HF first resizes mask logits to a fixed 384x384, whatever the network input was, then straight to the
   target size: there is no padded-size/crop step, so padding ends up stretched into the image;
-- HF semantic resizes the K-class score map after the einsum rather than the mask logits before it;
+- HF semantic always resizes the K-class score map after the einsum (from its 384x384 map), also for
+  panoptic models, whose official semantic output resizes the mask logits before it;
 - HF panoptic defaults to `threshold=0.5` (official object_mask_threshold 0.8); it resizes sigmoid
   probabilities instead of logits; its "original area" counts score-weighted probabilities >= 0.5 (official:
   unweighted); a segment is every pixel whose argmax is the query, without requiring probability >= 0.5;
@@ -31,7 +36,7 @@ Where it differs from Hugging Face's `Mask2FormerImageProcessor.post_process_*` 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -72,6 +77,8 @@ def upsample_mask_logits(mask_logits: Tensor, *, image_size: Size, output_size: 
     """
     x = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)  # (1, Q, Hp, Wp)
     x = x[:, :, : image_size[0], : image_size[1]]  # (1, Q, h, w)
+    if tuple(output_size) == tuple(image_size):
+        return x[0]  # a same-size bilinear resize is the identity
     return F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)[0]  # (Q, H, W)
 
 
@@ -142,20 +149,28 @@ def _empty(output_size: Size, device: torch.device, panoptic: bool) -> Segments:
     )
 
 
-def _semantic_one(mask_cls: Tensor, mask_logits: Tensor, geom: _Geometry, chunk_size: int | None) -> Segments:
+def _semantic_one(
+    mask_cls: Tensor, mask_logits: Tensor, geom: _Geometry, chunk_size: int | None, resize_first: bool
+) -> Segments:
     """mask_cls (Q, K+1), mask_logits (Q, h, w) -> one segment per class present in argmax_K semseg."""
     probs = mask_cls.float().softmax(-1)[:, :-1]  # (Q, K)
     k = probs.shape[1]
     h, w = geom.output_size
-    semseg = torch.zeros(k, h * w, dtype=torch.float32, device=mask_cls.device)  # (K, H*W)
+    # resize first: semseg at the output size; else at the image size (the padded map, cropped), resized below
+    at = geom if resize_first else replace(geom, output_size=geom.image_size)
+    semseg = torch.zeros(k, at.output_size[0] * at.output_size[1], dtype=torch.float32, device=mask_cls.device)
     queries = torch.arange(probs.shape[0], device=mask_cls.device)
-    for start, logits in _query_chunks(mask_logits.float(), queries, geom, chunk_size):
+    for start, logits in _query_chunks(mask_logits.float(), queries, at, chunk_size):
         c = logits.shape[0]
-        semseg.addmm_(probs[start : start + c].T, logits.sigmoid().view(c, -1))  # (K, c) @ (c, H*W)
+        semseg.addmm_(probs[start : start + c].T, logits.sigmoid().view(c, -1))  # (K, c) @ (c, h*w)
 
-    label_map = semseg.argmax(0)  # (H*W,), ties -> lowest class
-    best = semseg.gather(0, label_map[None])[0]
-    ratio = best / semseg.sum(0).clamp_min(torch.finfo(torch.float32).tiny)  # per-pixel class probability
+    if resize_first:
+        label_map = semseg.argmax(0)  # (H*W,), ties -> lowest class
+        best = semseg.gather(0, label_map[None])[0]
+        total = semseg.sum(0)
+    else:
+        label_map, best, total = _resized_argmax(semseg.view(k, *geom.image_size), geom.output_size, chunk_size)
+    ratio = best / total.clamp_min(torch.finfo(torch.float32).tiny)  # per-pixel class probability
     counts = torch.bincount(label_map, minlength=k)
     labels = counts.nonzero().flatten()  # present classes, ascending
     sums = torch.zeros(k, dtype=torch.float32, device=mask_cls.device).index_add_(0, label_map, ratio)
@@ -165,6 +180,32 @@ def _semantic_one(mask_cls: Tensor, mask_logits: Tensor, geom: _Geometry, chunk_
         labels=labels,
         scores=sums[labels] / counts[labels],
     )
+
+
+def _resized_argmax(semseg: Tensor, size: Size, chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """semseg (K, h, w) resized bilinearly to `size` (H, W) a chunk of classes at a time, never whole.
+
+    Returns the argmax class (H*W,) (ties -> lowest class), its value (H*W,) and the sum over classes (H*W,).
+    """
+    k, ih, iw = semseg.shape
+    n = size[0] * size[1]
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // (ih * iw + n))
+    label_map = torch.zeros(n, dtype=torch.int64, device=semseg.device)
+    best = torch.full((n,), -torch.inf, dtype=torch.float32, device=semseg.device)
+    total = torch.zeros(n, dtype=torch.float32, device=semseg.device)
+    for start in range(0, k, chunk_size):
+        part = semseg[None, start : start + chunk_size]  # (1, c, h, w)
+        if (ih, iw) != tuple(size):
+            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)  # (1, c, H, W)
+        part = part[0].flatten(1)  # (c, H*W)
+        total += part.sum(0)
+        arg = part.argmax(0)  # (H*W,), ties -> lowest class of the chunk
+        top = part.gather(0, arg[None])[0]
+        better = top > best  # strict: an earlier chunk keeps a tie
+        best = torch.where(better, top, best)
+        label_map = torch.where(better, arg + start, label_map)
+    return label_map, best, total
 
 
 def _panoptic_one(
@@ -287,15 +328,22 @@ def semantic_inference(
     output_sizes: Sequence[Size],
     padded_size: Size | None = None,
     chunk_size: int | None = None,
+    resize_first: bool = False,
 ) -> list[Segments]:
     """class_logits (B, Q, K+1), mask_logits (B, Q, h, w) -> per image, one segment per predicted class.
 
     semseg (K, H, W) = sum_q softmax(class)[q, :K] * sigmoid(mask[q]); each pixel takes its argmax class
     (ties -> lowest index). Masks partition the image, labels ascend, and a score is the segment's mean
     per-pixel class probability semseg[k] / sum_k' semseg[k'].
+
+    The two orders of the official `MaskFormer.forward` (Mask2Former's `mask2former/maskformer_model.py`):
+    by default, as its semantic-only models do, semseg is computed on the mask logits upsampled to the padded
+    input, then cropped to `image_size` and resized bilinearly to `output_size` (detectron2's
+    `sem_seg_postprocess`), a chunk of classes at a time; with `resize_first`, as its panoptic and instance
+    models do (`sem_seg_postprocess_before_inference`), the mask logits are resized to `output_size` first.
     """
     geoms = _geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
-    return [_semantic_one(class_logits[i], mask_logits[i], g, chunk_size) for i, g in enumerate(geoms)]
+    return [_semantic_one(class_logits[i], mask_logits[i], g, chunk_size, resize_first) for i, g in enumerate(geoms)]
 
 
 def panoptic_inference(
@@ -349,7 +397,7 @@ def instance_inference(
 
 
 _OVERRIDES = {
-    "semantic": {"chunk_size"},
+    "semantic": {"chunk_size", "resize_first"},
     "instance": {"top_k", "is_thing", "chunk_size"},
     "panoptic": {"object_mask_threshold", "overlap_threshold", "is_thing", "chunk_size"},
 }
@@ -369,7 +417,8 @@ def postprocess(
     """Run `task`'s inference with the thresholds of `config.postprocess`; `overrides` replace them.
 
     Instance output of a panoptic model keeps thing classes only when `instance_things_only` is set, as the
-    official code does when panoptic inference is on.
+    official code does when panoptic inference is on. Semantic output of a panoptic or instance model resizes
+    the mask logits before inference, of a semantic model the class scores after it (the official orders).
     """
     if task not in _OVERRIDES:
         raise ValueError(f"task must be one of {sorted(_OVERRIDES)}, got {task!r}")
@@ -382,7 +431,8 @@ def postprocess(
     pp = config.postprocess
     sizes: dict[str, Any] = {"image_sizes": image_sizes, "output_sizes": output_sizes, "padded_size": padded_size}
     if task == "semantic":
-        return semantic_inference(class_logits, mask_logits, **sizes, **overrides)
+        options = {"resize_first": config.task in ("panoptic", "instance")}
+        return semantic_inference(class_logits, mask_logits, **sizes, **{**options, **overrides})
     if task == "instance":
         things_only = pp.instance_things_only and config.task == "panoptic"
         options: dict[str, Any] = {"top_k": pp.instance_top_k, "is_thing": config.is_thing if things_only else None}

@@ -22,6 +22,8 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5 (Python 3.14's default) rebuilds arrays this way
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("collections", "OrderedDict"),
@@ -71,7 +73,10 @@ def as_tensor(value: Any, key: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
+        if value.dtype.kind not in "biufc":  # object, string, void ... arrays hold no weights
+            raise ValueError(f"checkpoint entry {key!r} is a numpy array of {value.dtype}, not numbers")
+        value = np.ascontiguousarray(value)
+        return torch.from_numpy(value if value.flags.writeable else value.copy())
     if isinstance(value, np.generic | int | float):
         return torch.tensor(value)
     raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not an array")

@@ -32,23 +32,38 @@ def first_max(values: list[float]) -> int:
     return best
 
 
-def ref_semantic(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> tuple[list[list[int]], dict[int, float]]:
-    """-> (label map, {class: mean per-pixel probability})."""
+def ref_semseg(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) class scores: sum over queries of class probability times mask probability."""
     probs = mask_cls.softmax(-1)[:, :-1].tolist()  # (Q, K)
     sig = mask_pred.sigmoid().tolist()  # (Q, H, W)
     q_n, k_n = len(probs), len(probs[0])
     h, w = mask_pred.shape[1:]
+    sem = [
+        [[sum(probs[q][k] * sig[q][i][j] for q in range(q_n)) for j in range(w)] for i in range(h)] for k in range(k_n)
+    ]
+    return torch.tensor(sem, dtype=torch.float32)
+
+
+def ref_semantic_map(semseg: torch.Tensor) -> tuple[list[list[int]], dict[int, float]]:
+    """(K, H, W) scores -> (label map, {class: mean per-pixel probability})."""
+    sem = semseg.tolist()
+    k_n, h, w = semseg.shape
     label_map = [[0] * w for _ in range(h)]
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
     for i in range(h):
         for j in range(w):
-            sem = [sum(probs[q][k] * sig[q][i][j] for q in range(q_n)) for k in range(k_n)]
-            k = first_max(sem)
+            column = [sem[k][i][j] for k in range(k_n)]
+            k = first_max(column)
             label_map[i][j] = k
-            sums[k] = sums.get(k, 0.0) + sem[k] / sum(sem)
+            sums[k] = sums.get(k, 0.0) + column[k] / sum(column)
             counts[k] = counts.get(k, 0) + 1
     return label_map, {k: sums[k] / counts[k] for k in sums}
+
+
+def ref_semantic(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> tuple[list[list[int]], dict[int, float]]:
+    """Mask logits already at output size -> (label map, {class: mean per-pixel probability})."""
+    return ref_semantic_map(ref_semseg(mask_cls, mask_pred))
 
 
 def ref_panoptic(
@@ -139,7 +154,11 @@ def random_outputs(seed: int, b: int = 1, q: int = 7, k: int = 5, h: int = 9, w:
 
 
 def check_semantic(seg: Segments, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> None:
-    label_map, scores = ref_semantic(mask_cls.cpu(), mask_pred.cpu())
+    check_semantic_map(seg, ref_semantic(mask_cls.cpu(), mask_pred.cpu()))
+
+
+def check_semantic_map(seg: Segments, reference: tuple[list[list[int]], dict[int, float]]) -> None:
+    label_map, scores = reference
     label_map = torch.tensor(label_map)
     labels = sorted(scores)
     assert seg.labels.tolist() == labels
@@ -380,10 +399,70 @@ def test_upsample_matches_direct_resize():
     assert torch.equal(got, direct_resize(mask_logits[0], (21, 27), (40, 50), (24, 32)))
 
 
+def ref_semantic_resized_after(mask_cls, mask_logits, image_size, output_size, padded_size):
+    """The official semantic-only order, spelled out: mask logits to the padded input, class scores there,
+    then the whole (K, Hp, Wp) map cropped and resized (detectron2's sem_seg_postprocess)."""
+    padded = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)[0]
+    semseg = ref_semseg(mask_cls, padded)[:, : image_size[0], : image_size[1]]  # (K, h, w)
+    semseg = F.interpolate(semseg[None], size=output_size, mode="bilinear", align_corners=False)[0]  # (K, H, W)
+    return ref_semantic_map(semseg)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 3])
+@pytest.mark.parametrize("output_size", [(17, 23), (40, 50), (21, 27)])
+def test_semantic_resizes_class_scores_after_inference_by_default(chunk_size, output_size):
+    class_logits, mask_logits = random_outputs(20, h=6, w=8, sharp=6.0)
+    sizes = {**GEOMETRY, "output_sizes": [output_size]}
+    (seg,) = semantic_inference(class_logits, mask_logits, **sizes, chunk_size=chunk_size)
+    check_semantic_map(
+        seg, ref_semantic_resized_after(class_logits[0], mask_logits[0], (21, 27), output_size, (24, 32))
+    )
+    assert seg.masks.shape[1:] == output_size
+    assert torch.equal(seg.masks.sum(0), torch.ones(output_size, dtype=torch.int64))  # a partition
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_semantic_resize_after_ties_across_class_chunks_go_to_lowest_class(chunk_size):
+    class_logits, mask_logits = random_outputs(21, h=6, w=8)
+    class_logits[..., 1] += 5.0
+    class_logits[..., 3] = class_logits[..., 1]  # classes 1 and 3 tie everywhere; chunks of 2 split them
+    (seg,) = semantic_inference(class_logits, mask_logits, **GEOMETRY, chunk_size=chunk_size)
+    check_semantic_map(seg, ref_semantic_resized_after(class_logits[0], mask_logits[0], (21, 27), (17, 23), (24, 32)))
+    assert 3 not in seg.labels.tolist() and 1 in seg.labels.tolist()
+
+
+def test_semantic_orders_differ_and_resize_first_resizes_mask_logits():
+    class_logits, mask_logits = random_outputs(11, h=6, w=8, sharp=6.0)
+    resized = direct_resize(mask_logits[0], (21, 27), (17, 23), (24, 32))
+    (first,) = semantic_inference(class_logits, mask_logits, **GEOMETRY, chunk_size=3, resize_first=True)
+    check_semantic(first, class_logits[0], resized)
+    (after,) = semantic_inference(class_logits, mask_logits, **GEOMETRY, chunk_size=3)
+    assert not torch.allclose(first.scores, after.scores)  # the two orders are not the same computation
+
+
+def test_semantic_resize_after_never_holds_all_classes_at_output_size(monkeypatch):
+    class_logits, mask_logits = random_outputs(22, h=6, w=8, k=9)
+    shapes = []
+    interpolate = F.interpolate
+
+    def spy(x, *args, **kwargs):
+        out = interpolate(x, *args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    sizes = {**GEOMETRY, "output_sizes": [(40, 50)]}
+    (seg,) = semantic_inference(class_logits, mask_logits, **sizes, chunk_size=2)
+    at_output = [s for s in shapes if s[-2:] == (40, 50)]
+    assert at_output and max(s[1] for s in at_output) <= 2  # class chunks of 2, never (K, H, W)
+    monkeypatch.undo()
+    check_semantic_map(seg, ref_semantic_resized_after(class_logits[0], mask_logits[0], (21, 27), (40, 50), (24, 32)))
+
+
 def test_resize_chain_feeds_the_algorithms():
     class_logits, mask_logits = random_outputs(11, h=6, w=8, sharp=6.0)
     resized = direct_resize(mask_logits[0], (21, 27), (17, 23), (24, 32))
-    (seg,) = semantic_inference(class_logits, mask_logits, **GEOMETRY, chunk_size=3)
+    (seg,) = semantic_inference(class_logits, mask_logits, **GEOMETRY, chunk_size=3, resize_first=True)
     check_semantic(seg, class_logits[0], resized)
     (seg,) = panoptic_inference(
         class_logits,
@@ -504,8 +583,13 @@ def test_postprocess_uses_the_config():
     (want,) = instance_inference(class_logits, mask_logits, **sizes, top_k=3)
     assert_same(got, want)
 
-    (got,) = postprocess("semantic", class_logits, mask_logits, config=config, **sizes, chunk_size=2)
-    (want,) = semantic_inference(class_logits, mask_logits, **sizes)
+    # semantic output: a panoptic or instance model resizes mask logits first, a semantic model after
+    for task, resize_first in (("panoptic", True), ("instance", True), ("semantic", False)):
+        (got,) = postprocess("semantic", class_logits, mask_logits, config=tiny_config(task), **GEOMETRY)
+        (want,) = semantic_inference(class_logits, mask_logits, **GEOMETRY, resize_first=resize_first)
+        assert_same(got, want)
+    (got,) = postprocess("semantic", class_logits, mask_logits, config=config, **GEOMETRY, resize_first=False)
+    (want,) = semantic_inference(class_logits, mask_logits, **GEOMETRY, chunk_size=2)
     assert_same(got, want)
 
 
