@@ -4,11 +4,11 @@ The Ray Data pipeline, one row per listed image all the way:
 
     work manifest (Parquet, URIs)  --read_parquet, small blocks-->
     prepare_images (CPU tasks: read, decode, resize)  -->
-    Segmenter (actor pool: the model, post-processing, RLE)  -->
-    write_part (CPU tasks: one Parquet part file per batch of rows)  --small summaries--> driver
+    Segmenter (actor pool: the model, post-processing, RLE)  --streaming repartition to ROWS_PER_FILE-->
+    write_part (CPU tasks: one Parquet part file per block)  --small summaries--> driver
 
 Layout of OUTPUT:
-    part-<run_id>-<uuid>.parquet   the dataset (OUTPUT_SCHEMA), each file written atomically
+    part-<run_id>-<digest>.parquet the dataset (OUTPUT_SCHEMA), each file written atomically
     _runs/<run_id>.json            the run report
     _runs/<run_id>-work/           the run's work manifest, removed when the run ends
     _previews/<image_id>.png       overlays (--preview N)
@@ -34,7 +34,6 @@ import posixpath
 import re
 import secrets
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -186,6 +185,7 @@ class Existing:
     parts: list[str]  # readable part files
     with_errors: list[str]  # the part files holding at least one error row
     other_model_rows: int = 0  # ok rows made with another model or task
+    duplicate_ok_rows: int = 0  # ok rows of an image that has another ok row (none unless files were copied in)
     quarantined: list[str] = field(default_factory=list)
     temporaries_removed: int = 0
 
@@ -236,7 +236,9 @@ def scan_output(fs: AbstractFileSystem, root: str, *, model: str, task: str) -> 
         if not ok.all():
             existing.with_errors.append(path)
     if ok_chunks:
-        existing.ok_keys = np.unique(np.concatenate(ok_chunks))
+        all_ok = np.concatenate(ok_chunks)
+        existing.ok_keys = np.unique(all_ok)
+        existing.duplicate_ok_rows = len(all_ok) - len(existing.ok_keys)
     return existing
 
 
@@ -337,8 +339,8 @@ def write_part(
 ) -> pa.Table:
     """Write `table` (OUTPUT_SCHEMA rows) as one part file under `output`; return a one-row summary.
 
-    The file name is new (run id + uuid), so a retried task can never clobber another file: at worst a
-    retry after a lost summary writes its rows twice, which the next resume's scan still reads as done.
+    The name derives from the run and the rows' image ids, so a task that Ray retries after its file was
+    written (a worker lost before it returned) rewrites the same file instead of adding a duplicate.
     """
     table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
     status = table["status"]
@@ -348,7 +350,8 @@ def write_part(
     name = ""
     if table.num_rows:
         fs, root = open_fs(output, storage_options(output, endpoint_url, storage_options_json))
-        name = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+        digest = hashlib.sha256("\n".join(table["image_id"].to_pylist()).encode("ascii")).hexdigest()[:16]
+        name = f"part-{run_id}-{digest}.parquet"
         write_atomic(fs, posixpath.join(root, name), _parquet_bytes(table))
     summary = {
         "file": [name],
@@ -365,36 +368,48 @@ def write_part(
 
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
-    """Join `address`, reuse a Ray already initialised in this process, or start a local one.
-
-    Only a Ray started here is shut down here.
-    """
+    """Ray for the length of the block: joined (`address`), reused (already initialised in this process),
+    or started locally. Only a Ray started here is shut down here."""
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    from jobs.cluster import connect
+
+    started = connect(address)
     try:
         yield
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
-def resolve_device(requested: str, cluster_gpus: float, gpus_per_actor: float) -> str:
-    """auto -> cuda when the Ray cluster has GPUs, else cpu; cuda without GPUs is an error."""
+def resolve_device(requested: str, cluster_gpus: float, gpus_per_actor: float, precision: str = "fp32") -> str:
+    """auto -> cuda when the Ray cluster has GPUs (and actors may take one), else cpu. Raises ValueError for
+    cuda without a GPU, and for fp16 on CPU."""
+    device = requested
     if requested == "auto":
-        return "cuda" if cluster_gpus > 0 and gpus_per_actor > 0 else "cpu"
-    if requested == "cuda":
+        device = "cuda" if cluster_gpus > 0 and gpus_per_actor > 0 else "cpu"
+    elif requested == "cuda":
         if cluster_gpus <= 0:
             raise ValueError("--device cuda, but the Ray cluster has no GPU")
         if gpus_per_actor <= 0:
             raise ValueError("--device cuda needs --gpus-per-actor > 0")
-    return requested
+    if precision == "fp16" and device != "cuda":
+        raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return device
+
+
+def capacity_warnings(resources: dict[str, float], config: SegmentConfig, device: str) -> list[str]:
+    """What the cluster (as it is now; an autoscaler may add more) cannot give the actor pool."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    out = []
+    if config.actors * config.cpus_per_actor > cpus - 1:
+        out.append(
+            f"{config.actors} actors x {config.cpus_per_actor:g} CPUs leave less than one of the cluster's {cpus:g} "
+            "CPUs for reading, decoding and writing: the job may stall (lower --actors or --cpus-per-actor)"
+        )
+    if device == "cuda" and config.actors * config.gpus_per_actor > gpus:
+        out.append(f"{config.actors} actors x {config.gpus_per_actor:g} GPUs exceed the cluster's {gpus:g} GPUs")
+    return out
 
 
 def _arrow_fs(fs: AbstractFileSystem) -> Any:
@@ -414,6 +429,7 @@ def _quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
     ctx.verbose_stats_logs = False
+    # Ray Data sets its loggers up when first imported, after jobs.cluster quietened them: again here.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
@@ -464,9 +480,11 @@ def execute(
         },
         **gpu,
     )
+    # Coalesce the actors' small outputs into file-sized blocks, streaming (no barrier): one block, one file.
+    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_FILE, strict=True)
     ds = ds.map_batches(
         write_part,
-        batch_size=ROWS_PER_FILE,
+        batch_size=None,
         batch_format="pyarrow",
         fn_kwargs={"output": config.output, "run_id": run_id, **io_options},
         num_cpus=0.5,  # mostly waiting on storage
@@ -479,45 +497,50 @@ def execute(
 # --- the job --------------------------------------------------------------------------------------
 
 
-def _echo(message: str, secrets_: list[str], *, err: bool = False) -> None:
-    typer.echo(scrub(message, secrets_), err=err)
-
-
 def run(config: SegmentConfig) -> int:
     """Run the job; returns the exit code: 0 when the error rate stays within --max-error-rate, 1 above it,
     2 for bad arguments (nothing done), 3 when the job itself failed (Ray, storage; a re-run resumes)."""
     started = datetime.now(timezone.utc)
     run_id = new_run_id()
     known_secrets = secret_values(_parsed_options(config.storage_options_json))
+    warnings: list[str] = []
+
+    def say(message: str, *, err: bool = False) -> None:
+        typer.echo(scrub(message, known_secrets), err=err)
+
+    def warn(message: str) -> None:
+        warnings.append(scrub(message, known_secrets))
+        say(f"warning: {message}", err=True)
+
     try:
         config.validate()
-        in_options = storage_options(config.input, config.endpoint_url, config.storage_options_json)
-        out_options = storage_options(config.output, config.endpoint_url, config.storage_options_json)
-        model_options = storage_options(config.model, config.endpoint_url, config.storage_options_json)
-        listing = list_inputs(config.input, in_options)
-        fs, root = open_fs(config.output, out_options)
+        options = {
+            name: storage_options(uri, config.endpoint_url, config.storage_options_json)
+            for name, uri in (("input", config.input), ("output", config.output), ("model", config.model))
+        }
+        listing = list_inputs(config.input, options["input"])
+        fs, root = open_fs(config.output, options["output"])
         if fs.isfile(root):
             raise ValueError(f"OUTPUT {config.output!r} is a file; give a folder or prefix")
-        probe = _probe_model(config, model_options)
+        probe = _probe_model(config, options["model"])
     except (ValueError, FileNotFoundError) as e:
-        _echo(f"error: {e}", known_secrets, err=True)
+        say(f"error: {e}", err=True)
         return 2
     task = config.task or probe["task"]
     output = qualify(fs, root)
-    warnings: list[str] = []
 
     existing = scan_output(fs, root, model=probe["label"], task=task)
     if existing.temporaries_removed:
-        _echo(f"removed {existing.temporaries_removed} temporary file(s) left by an interrupted run", known_secrets)
+        say(f"removed {existing.temporaries_removed} temporary file(s) left by an interrupted run")
     for path in existing.quarantined:
-        warnings.append(f"unreadable part file moved to {path}")
+        warn(f"unreadable part file moved to {path}")
     if existing.other_model_rows and not config.overwrite:
-        warnings.append(
+        warn(
             f"{existing.other_model_rows} existing ok rows were made with another model or task; they are kept "
             "(use --overwrite to redo them, or another OUTPUT)"
         )
-    for warning in warnings:
-        _echo(f"warning: {warning}", known_secrets, err=True)
+    if existing.duplicate_ok_rows:
+        warn(f"{existing.duplicate_ok_rows} images have more than one ok row in {output}")
 
     work_dir = posixpath.join(root, RUNS_DIR, f"{run_id}-work")
     counts = RunCounts()
@@ -528,32 +551,42 @@ def run(config: SegmentConfig) -> int:
         try:
             plan = plan_work(listing, existing.ok_keys, overwrite=config.overwrite, fs=fs, folder=work_dir)
         except (ValueError, FileNotFoundError) as e:  # a manifest without a uri column, a vanished folder
-            _echo(f"error: {e}", known_secrets, err=True)
+            say(f"error: {e}", err=True)
             return 2
         counts.listed, counts.duplicates = plan.listed, plan.duplicates
         counts.already_done, counts.pending = plan.already_done, len(plan.pending)
-        listing_summary = listing.summary()
-        _echo(
+        say(
             f"m2f segment {run_id}: {plan.listed} images listed ({listing.skipped_count} other files skipped), "
-            f"{plan.already_done} already done, {counts.pending} to process with {probe['label']} ({task})",
-            known_secrets,
+            f"{plan.already_done} already done, {counts.pending} to process with {probe['label']} ({task})"
         )
-        candidates = existing.parts if config.overwrite else existing.with_errors
-        dropped = drop_rows(fs, candidates, plan.pending, existing.ok_keys)
-        if dropped:
-            _echo(f"removed {dropped} earlier row(s) of images this run redoes", known_secrets)
 
-        if counts.pending:
+        if not plan.listed:
+            warn(f"no images found in {config.input} (image extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+
+        def drop_earlier_rows() -> None:
+            dropped = drop_rows(
+                fs, existing.parts if config.overwrite else existing.with_errors, plan.pending, existing.ok_keys
+            )
+            if dropped:
+                say(f"removed {dropped} earlier row(s) of images this run redoes")
+
+        if not counts.pending:
+            drop_earlier_rows()
+        else:
             with ray_session(config.ray_address):
                 import ray
 
                 try:
-                    device = resolve_device(config.device, ray.cluster_resources().get("GPU", 0), config.gpus_per_actor)
-                    if config.precision == "fp16" and device != "cuda":
-                        raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+                    resources = ray.cluster_resources()
+                    device = resolve_device(
+                        config.device, resources.get("GPU", 0), config.gpus_per_actor, config.precision
+                    )
                 except ValueError as e:
-                    _echo(f"error: {e}", known_secrets, err=True)
+                    say(f"error: {e}", err=True)
                     return 2
+                for message in capacity_warnings(resources, config, device):
+                    warn(message)
+                drop_earlier_rows()
                 start = time.perf_counter()
                 try:
                     execute(
@@ -567,39 +600,40 @@ def run(config: SegmentConfig) -> int:
                         counts=counts,
                     )
                 except Exception as e:  # Ray or storage failed: what was written stays, a re-run resumes
-                    failure = f"the job failed: {type(e).__name__}: {e}"
+                    say(f"error: the job failed: {type(e).__name__}: {e}", err=True)
+                    failure = f"the job failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
                 processing_s = time.perf_counter() - start
-        if failure is None and counts.processed != counts.pending:
-            warnings.append(f"{counts.pending} images were to be processed but {counts.processed} rows came back")
     finally:
         with contextlib.suppress(Exception):
             fs.rm(work_dir, recursive=True)
-
     if failure is not None:
-        _echo(f"error: {failure}", known_secrets, err=True)
-        warnings.append(failure)
+        warnings.append(scrub(failure, known_secrets))
+    elif counts.processed != counts.pending:
+        warn(f"{counts.pending} images were to be processed but {counts.processed} rows came back")
+
     previews = 0
     if config.preview and failure is None:
         from pipeline.preview import write_previews
 
-        previews = write_previews(
-            fs,
-            root,
-            config.preview,
-            endpoint_url=config.endpoint_url,
-            storage_options_json=config.storage_options_json,
-            max_pixels=config.max_pixels,
-        )
+        try:
+            previews = write_previews(
+                fs,
+                root,
+                config.preview,
+                endpoint_url=config.endpoint_url,
+                storage_options_json=config.storage_options_json,
+                max_pixels=config.max_pixels,
+            )
+        except Exception as e:  # previews are a convenience: they never fail a run
+            warn(f"previews failed: {type(e).__name__}: {e}")
 
-    exit_code = 0 if counts.error_rate <= config.max_error_rate else 1
-    if failure is not None:
-        exit_code = 3
+    exit_code = 3 if failure is not None else 0 if counts.error_rate <= config.max_error_rate else 1
     report_path = posixpath.join(root, RUNS_DIR, f"{run_id}.json")
     report = build_report(
         run_id=run_id,
         config=config.redacted(),
         counts=counts,
-        listing=listing_summary,
+        listing=listing.summary(),
         model={"name": probe["name"], "sha256": probe["sha256"], "label": probe["label"], "task": task},
         output=output,
         started=started,
@@ -610,24 +644,20 @@ def run(config: SegmentConfig) -> int:
         previews=previews,
         warnings=warnings,
     )
-    text = scrub(json.dumps(report, indent=2, default=str), known_secrets)
-    write_atomic(fs, report_path, text + "\n")
+    write_atomic(fs, report_path, scrub(json.dumps(report, indent=2, default=str), known_secrets) + "\n")
 
-    table = summary_table(
-        counts,
-        skipped_files=listing.skipped_count,
-        processing_s=processing_s,
-        output=output,
-        report=qualify(fs, report_path),
+    report_uri = qualify(fs, report_path)
+    say(
+        summary_table(
+            counts, skipped_files=listing.skipped_count, processing_s=processing_s, output=output, report=report_uri
+        )
     )
-    _echo(table, known_secrets)
     if previews:
-        _echo(f"  previews: {qualify(fs, posixpath.join(root, PREVIEWS_DIR))} ({previews} PNGs)", known_secrets)
-    if exit_code:
-        _echo(
+        say(f"  previews: {qualify(fs, posixpath.join(root, PREVIEWS_DIR))} ({previews} PNGs)")
+    if exit_code == 1:
+        say(
             f"error rate {counts.error_rate:.4f} ({counts.error} errors, {counts.ok + counts.already_done} ok) "
             f"exceeds --max-error-rate {config.max_error_rate}",
-            known_secrets,
             err=True,
         )
     return exit_code

@@ -1,0 +1,332 @@
+"""The two stages around the model: `prepare_images` (CPU tasks) and `Segmenter` (the model actor).
+
+`prepare_images` reads each listed URI, decodes it (`decode_image`) and resizes it by the model's
+preprocessing rule; `Segmenter` batches equal padded sizes through the network and turns its output into
+OUTPUT_SCHEMA rows. Both take and return plain batches, so they run and test without Ray.
+
+Between the two stages a row is one listed image, laid out as WORK_SCHEMA. A file that cannot be read
+or decoded travels on as a row with status "error" and its reason; the Segmenter turns it into the
+image's error row untouched. Nothing in a batch raises for one bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from model.config import PreprocessConfig
+from model.postprocess import postprocess
+from model.preprocess import group_by_padded_size, resize_image, to_batch
+from pipeline.decode import DecodeError, decode_image
+from pipeline.encode import encode_segments, image_stats
+from pipeline.schema import STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
+from pipeline.storage import REDACTED, open_fs, protocol_of, redact, storage_options
+
+# One listed image between the prepare stage and the model. Sentinels instead of nulls (0 sizes,
+# -1 bytes) keep the integer columns integer when Ray hands them over as numpy arrays.
+WORK_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),  # "" when ok
+        pa.field("width", pa.int32()),  # upright original size; 0 on error
+        pa.field("height", pa.int32()),
+        pa.field("source_bytes", pa.int64()),  # -1 when the file could not be read
+        pa.field("image", pa.binary()),  # resized (h, w, 3) uint8 RGB, C order; empty on error
+        pa.field("image_height", pa.int32()),  # h, w of `image`; 0 on error
+        pa.field("image_width", pa.int32()),
+    ]
+)
+
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+READ_THREADS = 8  # concurrent reads per prepare task: object-store GETs wait on the network, not the CPU
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+
+def secret_values(options: Mapping[str, Any] | None = None) -> list[str]:
+    """Every secret string we know of: values that `redact` hides in `options`, and AWS variables.
+
+    Used to scrub error messages of third-party libraries before they become rows or log lines.
+    """
+    found: list[str] = []
+
+    def walk(original: Any, hidden: bool) -> None:
+        """Collect the strings under a secret-looking key, however deep."""
+        if isinstance(original, dict):
+            masked = redact(original)
+            for key, value in original.items():
+                walk(value, hidden or (masked[key] == REDACTED and value != REDACTED))
+        elif isinstance(original, list | tuple):
+            for value in original:
+                walk(value, hidden)
+        elif hidden and isinstance(original, str) and original:
+            found.append(original)
+
+    if options:
+        walk(dict(options), False)
+    found.extend(os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name))
+    return sorted(set(found), key=len, reverse=True)  # longest first: a secret containing another
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """`text` with every secret replaced by "***" (and URL user:password parts hidden)."""
+    for secret in secrets:
+        if len(secret) >= 4:  # shorter "secrets" would garble ordinary words
+            text = text.replace(secret, REDACTED)
+    return redact(text)
+
+
+def describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# --- prepare: read, decode, resize ----------------------------------------------------------------
+
+
+def prepare_images(
+    batch: Mapping[str, Sequence[Any]],
+    *,
+    preprocess: PreprocessConfig,
+    max_pixels: int,
+    endpoint_url: str | None = None,
+    storage_options_json: str | None = None,
+    read_threads: int = READ_THREADS,
+) -> pa.Table:
+    """batch {"image_uri": [...]} -> WORK_SCHEMA rows: the resized pixels, or an error reason.
+
+    Reads run on `read_threads` threads (object stores answer slowly, concurrently); decoding follows
+    one image at a time. Options for each URI come from `storage_options(uri, endpoint_url, json)`.
+    """
+    uris = [str(u) for u in batch["image_uri"]]
+    options_by_protocol: dict[str, dict[str, Any]] = {}
+    for uri in uris:
+        protocol = protocol_of(uri)
+        if protocol not in options_by_protocol:
+            options_by_protocol[protocol] = storage_options(uri, endpoint_url, storage_options_json)
+    secrets = secret_values({"options": list(options_by_protocol.values())})
+
+    def read(uri: str) -> bytes | str:
+        try:
+            fs, path = open_fs(uri, options_by_protocol[protocol_of(uri)])
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return "unreadable: file not found"
+        except Exception as e:  # any storage failure is this file's error, not the job's
+            return f"unreadable: {scrub(describe(e), secrets)}"
+
+    columns: dict[str, list[Any]] = {field.name: [] for field in WORK_SCHEMA}
+    with ThreadPoolExecutor(max_workers=max(1, min(read_threads, len(uris)))) as pool:
+        for uri, data in zip(uris, pool.map(read, uris), strict=True):
+            row = _prepare_one(uri, data, preprocess, max_pixels, secrets)
+            for name, value in row.items():
+                columns[name].append(value)
+    return pa.table(columns, schema=WORK_SCHEMA)
+
+
+def _prepare_one(
+    uri: str, data: bytes | str, preprocess: PreprocessConfig, max_pixels: int, secrets: Sequence[str]
+) -> dict[str, Any]:
+    row = {"image_uri": uri, "status": STATUS_ERROR, "error": "", "width": 0, "height": 0, "source_bytes": -1}
+    row.update({"image": b"", "image_height": 0, "image_width": 0})
+    if isinstance(data, str):
+        return {**row, "error": data}
+    row["source_bytes"] = len(data)
+    try:
+        image = decode_image(data, max_pixels=max_pixels)  # (H, W, 3) uint8, upright
+        resized = np.ascontiguousarray(resize_image(image, preprocess))  # (h, w, 3)
+    except DecodeError as e:
+        return {**row, "error": e.reason}
+    except Exception as e:  # MemoryError on a huge image, a Pillow bug: still only this file's error
+        return {**row, "error": f"decode failed: {scrub(describe(e), secrets)}"}
+    height, width = image.shape[:2]
+    return {
+        **row,
+        "status": STATUS_OK,
+        "width": width,
+        "height": height,
+        "image": resized.tobytes(),
+        "image_height": resized.shape[0],
+        "image_width": resized.shape[1],
+    }
+
+
+# --- the model actor ------------------------------------------------------------------------------
+
+
+class Segmenter:
+    """The model actor: loads the checkpoint once, then turns WORK_SCHEMA batches into output rows.
+
+    `__call__(batch)` takes the prepared rows as numpy columns (Ray's "numpy" batch format, or any
+    mapping of sequences) and returns a pyarrow Table with exactly OUTPUT_SCHEMA, one row per input row
+    in input order. Images are grouped by padded size into forward passes of at most `batch_size`
+    (padding changes predictions, so a group never mixes sizes); a group that fails is retried image
+    by image, and an image that still fails becomes an error row.
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        *,
+        run_id: str,
+        device: str = "cpu",
+        task: str | None = None,
+        precision: str = "fp32",
+        batch_size: int = 4,
+        score_threshold: float = 0.0,
+        preset: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        from model import load  # the checkpoint loaders are only needed where the model lives
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_threads is not None:
+            torch.set_num_threads(max(1, num_threads))
+        self.device = torch.device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        self.model_uri = model_uri
+        self.model = load(model_uri, self.device, preset=preset, storage_options=storage_options)
+        self.config = self.model.config
+        self.task = task or self.config.task
+        self.dtype = PRECISIONS[precision]
+        self.batch_size = batch_size
+        self.score_threshold = score_threshold
+        self.run_id = run_id
+        self.model_name = model_label(self.config.name, self.model.checkpoint_sha256)
+        self.secrets = secret_values(storage_options)
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> pa.Table:
+        n = len(batch["image_uri"])
+        rows: list[dict[str, Any] | None] = [None] * n
+        todo, images = [], []
+        for i in range(n):
+            if str(batch["status"][i]) == STATUS_OK:
+                h, w = int(batch["image_height"][i]), int(batch["image_width"][i])
+                images.append(np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3).copy())  # writable
+                todo.append(i)
+            else:
+                rows[i] = self._error(batch, i, str(batch["error"][i]) or "unknown error")
+        sizes = [image.shape[:2] for image in images]
+        divisibility = self.config.preprocess.size_divisibility
+        for group in group_by_padded_size(sizes, self.batch_size, divisibility):
+            members = [todo[g] for g in group]
+            for i, row in zip(members, self._segment_group(batch, members, [images[g] for g in group]), strict=True):
+                rows[i] = row
+        return rows_to_table(rows)
+
+    def _segment_group(self, batch: Mapping[str, Sequence[Any]], members: list[int], images: list[np.ndarray]):
+        """Rows for one group of equal padded size; on failure, each image alone."""
+        try:
+            return self._forward(batch, members, images)
+        except Exception as e:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # an out-of-memory group may fit one image at a time
+            if len(members) == 1:
+                return [self._error(batch, members[0], f"inference failed: {scrub(describe(e), self.secrets)}")]
+        rows = []
+        for i, image in zip(members, images, strict=True):
+            rows.extend(self._segment_group(batch, [i], [image]))
+        return rows
+
+    def _forward(
+        self, batch: Mapping[str, Sequence[Any]], members: list[int], images: list[np.ndarray]
+    ) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        output_sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in members]
+        with torch.inference_mode():
+            pixel_values, image_sizes = to_batch(images, self.config.preprocess, device=self.device)  # (B, 3, Hp, Wp)
+            with self._autocast():
+                out = self.model(pixel_values)
+            results = postprocess(
+                self.task,
+                out.class_logits.float(),
+                out.mask_logits.float(),
+                config=self.config,
+                image_sizes=image_sizes,
+                output_sizes=output_sizes,
+                padded_size=tuple(pixel_values.shape[-2:]),
+            )
+            results = [(r.masks.cpu().numpy(), r.labels.cpu().numpy(), r.scores.cpu().numpy()) for r in results]
+        per_image_ms = (time.perf_counter() - start) * 1000.0 / len(members)
+        return [
+            self._ok(batch, i, masks, labels, scores, per_image_ms)
+            for i, (masks, labels, scores) in zip(members, results, strict=True)
+        ]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _ok(
+        self,
+        batch: Mapping[str, Sequence[Any]],
+        i: int,
+        masks: np.ndarray,
+        labels: np.ndarray,
+        scores: np.ndarray,
+        inference_ms: float,
+    ) -> dict[str, Any]:
+        keep = scores >= self.score_threshold
+        height, width = int(batch["height"][i]), int(batch["width"][i])
+        cfg = self.config
+        try:
+            segments = encode_segments(
+                masks[keep],
+                labels[keep],
+                scores[keep],
+                class_names=cfg.class_names,
+                is_thing=cfg.is_thing,
+                category_ids=cfg.category_ids or None,
+            )
+            stats = image_stats(segments, height, width, semantic=self.task == "semantic")
+        except Exception as e:
+            return self._error(batch, i, f"encoding failed: {scrub(describe(e), self.secrets)}")
+        return ok_row(
+            str(batch["image_uri"][i]),
+            width=width,
+            height=height,
+            segments=segments,
+            stats=stats,
+            inference_ms=inference_ms,
+            task=self.task,
+            model=self.model_name,
+            run_id=self.run_id,
+            source_bytes=_source_bytes(batch, i),
+        )
+
+    def _error(self, batch: Mapping[str, Sequence[Any]], i: int, reason: str) -> dict[str, Any]:
+        return error_row(
+            str(batch["image_uri"][i]),
+            reason,
+            task=self.task,
+            model=self.model_name,
+            run_id=self.run_id,
+            source_bytes=_source_bytes(batch, i),
+        )
+
+
+def _source_bytes(batch: Mapping[str, Sequence[Any]], i: int) -> int | None:
+    value = int(batch["source_bytes"][i])
+    return None if value < 0 else value
+
+
+def model_label(name: str, sha256: str) -> str:
+    """The `model` column: the checkpoint's name and the first 12 hex digits of its sha256."""
+    return f"{name}@{sha256[:12]}"
