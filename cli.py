@@ -175,11 +175,22 @@ def train(
 def evaluate(
     predictions: Annotated[str, typer.Argument(help="OUTPUT of `m2f segment` (its Parquet dataset).")],
     ground_truth: Annotated[
-        str, typer.Argument(help="COCO instances JSON, COCO panoptic JSON, or semantic mask folder.")
+        str,
+        typer.Argument(
+            help="COCO instances JSON, COCO panoptic JSON, or (semantic) a folder of label PNGs holding class "
+            "indices, 255 = ignore."
+        ),
     ],
     gt_format: Annotated[DataFormat, typer.Option(help="Ground-truth format.")] = DataFormat.coco_panoptic,
     masks: Annotated[
-        str | None, typer.Option(help="Panoptic PNG folder (default: beside the JSON, same stem).")
+        str | None, typer.Option(help="coco-panoptic only: the PNG folder (default: beside the JSON, same stem).")
+    ] = None,
+    categories: Annotated[
+        str | None,
+        typer.Option(
+            help="semantic only: JSON with the COCO-style categories the label PNGs index, sorted by id "
+            "(default: categories.json or ../panoptic.json beside the folder)."
+        ),
     ] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
     endpoint_url: EndpointOpt = None,
@@ -195,6 +206,7 @@ def evaluate(
                 ground_truth=ground_truth,
                 gt_format=gt_format.value,
                 masks=masks,
+                categories=categories,
                 json_out=json_out,
                 endpoint_url=endpoint_url,
                 storage_options_json=storage_options,
@@ -213,7 +225,10 @@ def export_coco(
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Write a segmentation run as COCO results JSON (what any COCO evaluation tool reads)."""
+    """Write a segmentation run as COCO results JSON (what any COCO evaluation tool reads).
+
+    Without --gt, image ids are int(image_id[:15], 16): stable, but not those of any COCO file.
+    """
     from jobs.evaluate import export_coco as export
 
     raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options))

@@ -556,7 +556,7 @@ def coco_mask_ap(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *,
         p = precision[:, :, k, 0, -1]  # area "all", 100 detections
         p = p[p > -1]
         name = coco_gt.cats[cat_id].get("name", str(cat_id))
-        per_class.append({"id": cat_id, "name": name, "AP": float(p.mean()) if p.size else None})
+        per_class.append({"id": int(cat_id), "name": name, "AP": float(p.mean()) if p.size else None})
     summary["per_class"] = per_class
     return summary
 

@@ -54,7 +54,12 @@ _COLUMNS: list[tuple[str, pa.DataType, bool, str]] = [
     ("width", pa.int32(), True, "Upright width in pixels (after EXIF orientation); null on error."),
     ("height", pa.int32(), True, "Upright height in pixels (after EXIF orientation); null on error."),
     ("task", pa.string(), False, "'semantic', 'instance' or 'panoptic'."),
-    ("model", pa.string(), False, "Model name and checksum, e.g. 'demo-r50@sha256:1a2b3c4d'."),
+    (
+        "model",
+        pa.string(),
+        False,
+        "Model name and the first 12 hex of its checkpoint's sha256, e.g. 'tiny-synthetic@3f9a1c02be71'.",
+    ),
     ("run_id", pa.string(), False, "The run that wrote this row (see OUTPUT/_runs/<run_id>.json)."),
     ("schema_version", pa.int32(), False, "Version of this table layout."),
     (

@@ -120,3 +120,14 @@ def s3_fs(s3_options: dict[str, Any]) -> AbstractFileSystem:
     fs = fsspec.filesystem("s3", **s3_options)
     fs.invalidate_cache()
     return fs
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models are many small ops: on 2 shared cores a second torch thread only waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -40,13 +40,7 @@ D2P = "sem_seg_head.pixel_decoder."
 D2T = "sem_seg_head.predictor."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are many small ops: on 2 shared cores a second thread only waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (HF in-memory name pattern, official name); the backbone rules cover HF's Swin and ResNet.

@@ -9,14 +9,7 @@ import model
 from model import deformable_attention, pixel_decoder, position, transformer_decoder
 from tests.hf_models import tiny_hf_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are many small ops: on 2 shared cores a second thread only waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["swin", "resnet"])

@@ -24,14 +24,7 @@ from model.config import ModelConfig, ResNetConfig, SwinConfig
 from model.mask2former import build_model
 from model.presets import BACKBONES, DATASETS, PRESETS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Full-size models on tiny inputs are many small ops: on 2 shared cores a second thread only waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resnet_parameters(cfg: ResNetConfig) -> int:
