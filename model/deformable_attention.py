@@ -1,8 +1,10 @@
-"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch, via `grid_sample`.
+"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch.
 
-No compiled extension: each level is sampled with one bilinear `grid_sample` over all heads,
-queries and points at once. Sampling locations are computed and used in fp32 under autocast:
-an offset of a fraction of a pixel is below bf16's resolution at these magnitudes.
+No compiled extension: the bilinear sampling of all levels, heads, queries and points is one
+`embedding_bag` gather (see `ms_deform_attn_sample`); `ms_deform_attn_sample_grid` is the same thing
+with `grid_sample`, kept as the reference the tests compare against. Sampling locations are computed
+and used in fp32 under autocast: an offset of a fraction of a pixel is below bf16's resolution at
+these magnitudes.
 """
 
 from __future__ import annotations
@@ -15,24 +17,63 @@ from torch import Tensor, nn
 
 
 def ms_deform_attn_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
-    """Bilinear sampling of every level, weighted and summed.
+    """Bilinear sampling of every level, weighted by the attention and summed, in one gather.
 
     value (B, S, M, D) with S = Σ H_l*W_l; locations (B, Lq, M, L, P, 2) in [0, 1] (x, y);
     weights (B, Lq, M, L, P). Returns (B, Lq, M*D).
+
+    Each output is Σ over levels, points and the 4 bilinear corners of (attention × corner weight) ×
+    a row of `value`: exactly `embedding_bag(mode="sum")` with per-sample weights. Corner weights
+    follow `grid_sample(align_corners=False, padding_mode="zeros")`: pixel centres at (i + 0.5) / W,
+    and corners outside the map weigh 0. One fused gather replaces L `grid_sample` calls plus the
+    weighted sum; gradients reach the values, the locations and the weights alike.
     """
+    B, S, M, D = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    dev = value.device
+    ct = torch.promote_types(value.dtype, torch.float32)  # at least fp32, whatever autocast made of value
+    wh = torch.tensor([[w, h] for h, w in shapes], device=dev, dtype=ct).view(L, 1, 2)
+    starts = torch.tensor([0] + [h * w for h, w in shapes][:-1], device=dev).cumsum(0).view(L, 1)
+    pix = locations.to(ct) * wh - 0.5  # (B, Lq, M, L, P, 2) pixel coordinates
+    p0 = pix.floor()
+    frac = pix - p0
+    w_lo = (1 - frac) * ((p0 >= 0) & (p0 <= wh - 1))  # weight of the corner at p0 (0 outside the map)
+    w_hi = frac * ((p0 >= -1) & (p0 <= wh - 2))  # ... at p0 + 1
+    i_lo = p0.clamp(min=0).minimum(wh - 1).long()  # clamped: a zero-weight corner still needs a valid row
+    i_hi = (p0 + 1).clamp(min=0).minimum(wh - 1).long()
+    width = wh[..., 0].long()  # (L, 1)
+    # row of value.reshape(B*S*M, D) holding (b, s, m): (b*S + s)*M + m
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1) * S
+    m = torch.arange(M, device=dev).view(1, 1, M, 1, 1)
+    y0 = (i_lo[..., 1] * width + starts + b) * M + m  # (B, Lq, M, L, P)
+    y1 = (i_hi[..., 1] * width + starts + b) * M + m
+    x0, x1 = i_lo[..., 0] * M, i_hi[..., 0] * M
+    rows = torch.stack((y0 + x0, y0 + x1, y1 + x0, y1 + x1), -1)  # (B, Lq, M, L, P, 4)
+    weights = weights.to(ct)
+    wy0, wy1 = w_lo[..., 1] * weights, w_hi[..., 1] * weights
+    corner = torch.stack((wy0 * w_lo[..., 0], wy0 * w_hi[..., 0], wy1 * w_lo[..., 0], wy1 * w_hi[..., 0]), -1)
+    table = value.to(ct).reshape(B * S * M, D)
+    out = F.embedding_bag(rows.view(-1, L * P * 4), table, per_sample_weights=corner.view(-1, L * P * 4), mode="sum")
+    return out.view(B, Lq, M * D).to(value.dtype)
+
+
+def ms_deform_attn_sample_grid(
+    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
+) -> Tensor:
+    """The same computation with one `grid_sample` per level: the slow, obviously-correct reference."""
     B, _, M, D = value.shape
     _, Lq, _, L, P, _ = locations.shape
+    ct = torch.promote_types(value.dtype, torch.float32)
     values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * locations - 1
-    out = value.new_zeros((B * M, D, Lq, P), dtype=torch.float32)
+    grids = (2 * locations - 1).to(ct)
+    out = value.new_zeros((B * M, D, Lq, P), dtype=ct)
     for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].permute(0, 2, 3, 1).reshape(B * M, D, h, w).float()  # (B*M, D, H, W)
+        v = values[lvl].permute(0, 2, 3, 1).reshape(B * M, D, h, w).to(ct)  # (B*M, D, H, W)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * M, Lq, P, 2)  # (B*M, Lq, P, 2)
         s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M, D, Lq, P)
-        a = weights[:, :, :, lvl].transpose(1, 2).reshape(B * M, 1, Lq, P).float()
+        a = weights[:, :, :, lvl].transpose(1, 2).reshape(B * M, 1, Lq, P).to(ct)
         out = out + s * a
-    out = out.sum(-1).view(B, M * D, Lq)  # (B, M*D, Lq)
-    return out.transpose(1, 2).to(value.dtype)
+    return out.sum(-1).view(B, M * D, Lq).transpose(1, 2).to(value.dtype)
 
 
 class MSDeformAttn(nn.Module):
