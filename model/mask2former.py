@@ -44,12 +44,14 @@ class Mask2Former(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
 
-    def forward(self, pixel_values: Tensor) -> Mask2FormerOutput:
+    def forward(self, pixel_values: Tensor, *, aux: bool | None = None) -> Mask2FormerOutput:
+        """aux: also return every earlier decoder prediction (deep supervision). Defaults to
+        `self.training`; at inference the intermediate masks are never materialised at 1/4 scale."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
         feats = self.backbone(pixel_values)  # [res2, res3, res4, res5]
         mask_features, multi_scale = self.pixel_decoder(feats)
-        preds = self.transformer_decoder(multi_scale, mask_features)
+        preds = self.transformer_decoder(multi_scale, mask_features, aux=self.training if aux is None else aux)
         return Mask2FormerOutput(preds[-1].class_logits, preds[-1].mask_logits, preds[:-1])
 
     @property

@@ -138,9 +138,22 @@ class TransformerDecoder(nn.Module):
             allowed = allowed | ~allowed.any(-1, keepdim=True)
         return Prediction(class_logits, mask_logits), allowed
 
-    def forward(self, feats: list[Tensor], mask_features: Tensor) -> list[Prediction]:
+    def attention_mask(self, x: Tensor, features: Tensor) -> Tensor:
+        """Where the next layer may attend, from queries x (B, Q, C) and mask features already resized to
+        that layer's level (B, D, h, w): (B, Q, h*w) bool. Equals resizing the full 1/4 mask prediction,
+        since bilinear resizing is linear and commutes with the channel contraction."""
+        with torch.no_grad():
+            logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(self.decoder_norm(x)), features)
+            allowed = logits.flatten(2).sigmoid() >= 0.5
+            return allowed | ~allowed.any(-1, keepdim=True)
+
+    def forward(self, feats: list[Tensor], mask_features: Tensor, *, aux: bool = True) -> list[Prediction]:
         """feats [(B, C, H/32, W/32), (H/16), (H/8)]; mask_features (B, D, H/4, W/4).
-        Returns num_layers + 1 predictions, the last one final."""
+
+        Returns num_layers + 1 predictions, the last one final. With aux=False (inference) only the
+        final prediction is computed at full resolution: intermediate layers need nothing but the next
+        attention mask, which is computed directly at that layer's (much smaller) resolution.
+        """
         memory, memory_pos, sizes = [], [], []
         for lvl, x in enumerate(feats[: self.num_levels]):
             B, _, h, w = x.shape
@@ -152,13 +165,24 @@ class TransformerDecoder(nn.Module):
         B = mask_features.shape[0]
         x = self.query_feat.weight[None].expand(B, -1, -1)  # (B, Q, C)
         query_pos = self.query_embed.weight[None]  # (1, Q, C)
-        preds = []
-        pred, allowed = self.predict(x, mask_features, sizes[0])
-        preds.append(pred)
+        if not aux:
+            resized = [
+                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes
+            ]  # (B, D, h, w) per level
+
+        def step(i: int, x: Tensor) -> Tensor:
+            """Prediction i (0 = before the first layer); returns where layer i + 1 may attend."""
+            last = i == len(self.layers)
+            if aux or last:
+                pred, allowed = self.predict(x, mask_features, None if last else sizes[i % self.num_levels])
+                preds.append(pred)
+                return allowed
+            return self.attention_mask(x, resized[i % self.num_levels])
+
+        preds: list[Prediction] = []
+        allowed = step(0, x)
         for i, layer in enumerate(self.layers):
             lvl = i % self.num_levels
             x = layer(x, query_pos, memory[lvl], memory_pos[lvl].to(memory[lvl].dtype), allowed)
-            last = i == len(self.layers) - 1
-            pred, allowed = self.predict(x, mask_features, None if last else sizes[(i + 1) % self.num_levels])
-            preds.append(pred)
+            allowed = step(i + 1, x)
         return preds

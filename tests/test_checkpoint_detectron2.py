@@ -192,7 +192,7 @@ def write_pth(weights: dict[str, np.ndarray], path) -> None:
 
 def predictions(m, x):
     with torch.no_grad():
-        out = m(x)
+        out = m(x, aux=True)
     return [(p.class_logits, p.mask_logits) for p in out.aux] + [(out.class_logits, out.mask_logits)]
 
 

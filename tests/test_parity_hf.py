@@ -14,7 +14,7 @@ SIZES = [(96, 160), (64, 96), (128, 96)]
 
 def our_predictions(m: model.Mask2Former, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     with torch.no_grad():
-        out = m(x)
+        out = m(x, aux=True)
     return [(p.class_logits, p.mask_logits) for p in out.aux] + [(out.class_logits, out.mask_logits)]
 
 
@@ -40,6 +40,12 @@ def test_hf_directory_gives_same_logits(pair, size):
         assert (gc - ec).abs().max() < 1e-4, f"{backbone} class logits differ at prediction {i}"
         assert (gm - em).abs().max() < 1e-4, f"{backbone} mask logits differ at prediction {i}"
     assert gm.shape[-2:] == (size[0] // 4, size[1] // 4)
+    # the inference path (no auxiliary masks; attention masks computed at each level's size) agrees too
+    with torch.no_grad():
+        fast = ours(x)
+    assert fast.aux == []
+    assert (fast.class_logits - expected[-1][0]).abs().max() < 1e-4
+    assert (fast.mask_logits - expected[-1][1]).abs().max() < 1e-4
 
 
 def test_hf_config_translation(pair):

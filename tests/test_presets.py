@@ -153,7 +153,7 @@ def check_forward(cfg: ModelConfig, size: tuple[int, int], batch: int = 1) -> No
     m = build_model(cfg).eval()
     x = torch.randn(batch, 3, *size)
     with torch.inference_mode():
-        out = m(x)
+        out = m(x, aux=True)
     q, k = cfg.decoder.num_queries, cfg.num_classes
     assert out.class_logits.shape == (batch, q, k + 1)
     assert out.mask_logits.shape == (batch, q, size[0] // 4, size[1] // 4)
