@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -14,25 +14,25 @@ app = typer.Typer(
 )
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     semantic = "semantic"
     instance = "instance"
     panoptic = "panoptic"
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
-class DataFormat(str, Enum):
+class DataFormat(StrEnum):
     coco_panoptic = "coco-panoptic"
     coco_instances = "coco-instances"
     semantic = "semantic"

@@ -21,7 +21,7 @@ def machine() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,

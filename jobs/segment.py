@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,6 @@ from pipeline.preview import PREVIEWS_DIR
 from pipeline.schema import OUTPUT_SCHEMA, STATUS_ERROR, STATUS_OK
 from pipeline.sources import Listing, list_inputs
 from pipeline.storage import (
-    is_local,
     is_temporary,
     open_fs,
     qualify,
@@ -137,7 +136,7 @@ class SegmentConfig:
 
 def new_run_id() -> str:
     """UTC timestamp plus a short random suffix: sortable, and unique across concurrent starts."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 # --- image ids as uint64 --------------------------------------------------------------------------
@@ -316,6 +315,15 @@ def plan_work(
     return plan
 
 
+def read_work_files(
+    batch: pa.Table, *, output: str, endpoint_url: str | None = None, storage_options_json: str | None = None
+) -> pa.Table:
+    """The URIs of the work-manifest files named in `batch` (paths on OUTPUT's filesystem)."""
+    fs, _ = open_fs(output, storage_options(output, endpoint_url, storage_options_json))
+    tables = [_read_columns(fs, path, ["image_uri"]) for path in batch["path"].to_pylist()]
+    return pa.concat_tables(tables) if tables else pa.table({"image_uri": pa.array([], pa.string())})
+
+
 # --- the write stage ------------------------------------------------------------------------------
 
 SUMMARY_SCHEMA = pa.schema(
@@ -412,15 +420,6 @@ def capacity_warnings(resources: dict[str, float], config: SegmentConfig, device
     return out
 
 
-def _arrow_fs(fs: AbstractFileSystem) -> Any:
-    """A pyarrow filesystem for Ray's readers: None (local paths) or the fsspec one wrapped."""
-    if is_local(fs):
-        return None
-    import pyarrow.fs as pafs
-
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
 def _quiet_ray_data() -> None:
     import ray.data
 
@@ -443,13 +442,20 @@ def execute(
     device: str,
     run_id: str,
     counts: RunCounts,
-) -> None:
-    """Run the Ray Data pipeline over the work manifest, folding write summaries into `counts`."""
+) -> dict[str, Any]:
+    """Run the Ray Data pipeline over the work manifest, folding write summaries into `counts`; returns
+    Ray Data's statistics of the run (`ray_data_stats`)."""
     import ray.data
 
+    started = time.perf_counter()
     _quiet_ray_data()
     io_options = {"endpoint_url": config.endpoint_url, "storage_options_json": config.storage_options_json}
-    ds = ray.data.read_parquet(plan.files, filesystem=_arrow_fs(fs))
+    # The work files are read by a plain task, not read_parquet: in Ray 2.60 that datasource starts 32
+    # footer-reading actors for a handful of tiny files, which cost tens of seconds of every run's start.
+    ds = ray.data.from_items([{"path": p} for p in plan.files])
+    ds = ds.map_batches(
+        read_work_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"output": config.output, **io_options}
+    )
     # Small blocks spread decoding over every CPU (a work file is one block of up to WORK_CHUNK URIs).
     ds = ds.repartition(target_num_rows_per_block=PREPARE_ROWS)
     ds = ds.map_batches(
@@ -492,6 +498,57 @@ def execute(
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for summary in batch.to_pylist():
             counts.add_summary(summary)
+    return ray_data_stats(ds, started)
+
+
+def ray_data_stats(ds: Any, started: float | None = None) -> dict[str, Any]:
+    """Where an executed dataset spent its time, for the run report: the text `ds.stats()` prints, and per
+    operator in pipeline order its blocks, rows out, wall-clock span (first task start to last task end) and
+    summed task times, in seconds.
+
+    `start_s`/`end_s` place each operator's first task start and last task end in time, in seconds after
+    `started` (a `time.perf_counter()` reading of this process; Ray's task clocks are the same monotonic clock
+    on one machine, so on a cluster they are only comparable among tasks of the driver's node), or after the
+    first task's start without it. Built on Ray's developer API (`get_stats_summary`): whatever a Ray version
+    no longer offers is left out, and no failure here fails a run.
+    """
+    try:
+        summary = ds.get_stats_summary()
+        out: dict[str, Any] = {"text": summary.to_string()}
+        found, stack = [], [summary]
+        while stack:  # the last operator first, then its parents
+            node = stack.pop()
+            found.extend(reversed(node.operators_stats))
+            stack.extend(node.parents)
+        ops = found[::-1]
+        starts = [op.earliest_start_time for op in ops if op.earliest_start_time is not None]
+        origin = started if started is not None else min(starts, default=None)
+        out["operators"] = [_operator_stats(op, origin) for op in ops]
+        return out
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _operator_stats(op: Any, origin: float | None) -> dict[str, Any]:
+    def total(name: str) -> float | None:
+        stat = getattr(op, name, None)
+        return round(float(stat.sum), 4) if stat is not None else None
+
+    def offset(t: float | None) -> float | None:
+        return round(t - origin, 4) if t is not None and origin is not None else None
+
+    rows, wall = getattr(op, "output_num_rows", None), getattr(op, "wall_time", None)
+    return {
+        "name": op.operator_name,
+        "blocks": int(wall.count) if wall is not None else None,
+        "rows_out": int(rows.sum) if rows is not None else None,
+        "start_s": offset(getattr(op, "earliest_start_time", None)),
+        "end_s": offset(getattr(op, "latest_end_time", None)),
+        "span_s": round(float(op.time_total_s), 4),
+        "task_wall_s": total("wall_time"),
+        "task_cpu_s": total("cpu_time"),
+        "udf_s": total("function_body_time"),  # inside the stage functions, ours and Ray Data's
+    }
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -500,7 +557,7 @@ def execute(
 def run(config: SegmentConfig) -> int:
     """Run the job; returns the exit code: 0 when the error rate stays within --max-error-rate, 1 above it,
     2 for bad arguments (nothing done), 3 when the job itself failed (Ray, storage; a re-run resumes)."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     run_id = new_run_id()
     known_secrets = secret_values(_parsed_options(config.storage_options_json))
     warnings: list[str] = []
@@ -522,14 +579,18 @@ def run(config: SegmentConfig) -> int:
         fs, root = open_fs(config.output, options["output"])
         if fs.isfile(root):
             raise ValueError(f"OUTPUT {config.output!r} is a file; give a folder or prefix")
+        clock = time.perf_counter()
         probe = _probe_model(config, options["model"])
+        probe_s = time.perf_counter() - clock
     except (ValueError, FileNotFoundError) as e:
         say(f"error: {e}", err=True)
         return 2
     task = config.task or probe["task"]
     output = qualify(fs, root)
 
+    clock = time.perf_counter()
     existing = scan_output(fs, root, model=probe["label"], task=task)
+    scan_s = time.perf_counter() - clock
     if existing.temporaries_removed:
         say(f"removed {existing.temporaries_removed} temporary file(s) left by an interrupted run")
     for path in existing.quarantined:
@@ -546,13 +607,17 @@ def run(config: SegmentConfig) -> int:
     counts = RunCounts()
     processing_s = 0.0
     failure: str | None = None
+    timings: dict[str, float] = {"model_probe": probe_s, "scan_output": scan_s}  # seconds per phase
+    stats: dict[str, Any] | None = None
     try:
         _remove_stale_work(fs, root)
+        clock = time.perf_counter()
         try:
             plan = plan_work(listing, existing.ok_keys, overwrite=config.overwrite, fs=fs, folder=work_dir)
         except (ValueError, FileNotFoundError) as e:  # a manifest without a uri column, a vanished folder
             say(f"error: {e}", err=True)
             return 2
+        timings["list_and_plan"] = time.perf_counter() - clock
         counts.listed, counts.duplicates = plan.listed, plan.duplicates
         counts.already_done, counts.pending = plan.already_done, len(plan.pending)
         say(
@@ -573,9 +638,11 @@ def run(config: SegmentConfig) -> int:
         if not counts.pending:
             drop_earlier_rows()
         else:
+            clock = time.perf_counter()
             with ray_session(config.ray_address):
                 import ray
 
+                timings["ray_start"] = time.perf_counter() - clock
                 try:
                     resources = ray.cluster_resources()
                     device = resolve_device(
@@ -589,7 +656,7 @@ def run(config: SegmentConfig) -> int:
                 drop_earlier_rows()
                 start = time.perf_counter()
                 try:
-                    execute(
+                    stats = execute(
                         config,
                         plan,
                         fs=fs,
@@ -602,7 +669,9 @@ def run(config: SegmentConfig) -> int:
                 except Exception as e:  # Ray or storage failed: what was written stays, a re-run resumes
                     say(f"error: the job failed: {type(e).__name__}: {e}", err=True)
                     failure = f"the job failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
-                processing_s = time.perf_counter() - start
+                processing_s = timings["processing"] = time.perf_counter() - start
+                clock = time.perf_counter()
+            timings["ray_stop"] = time.perf_counter() - clock
     finally:
         with contextlib.suppress(Exception):
             fs.rm(work_dir, recursive=True)
@@ -637,13 +706,15 @@ def run(config: SegmentConfig) -> int:
         model={"name": probe["name"], "sha256": probe["sha256"], "label": probe["label"], "task": task},
         output=output,
         started=started,
-        finished=datetime.now(timezone.utc),
+        finished=datetime.now(UTC),
         processing_s=processing_s,
         exit_code=exit_code,
         max_error_rate=config.max_error_rate,
         previews=previews,
         warnings=warnings,
     )
+    report["timings_s"] = {name: round(seconds, 3) for name, seconds in timings.items()}
+    report["ray_data_stats"] = stats
     write_atomic(fs, report_path, scrub(json.dumps(report, indent=2, default=str), known_secrets) + "\n")
 
     report_uri = qualify(fs, report_path)

@@ -243,7 +243,7 @@ def test_rows_to_parquet_to_duckdb_unnest(tmp_path) -> None:
     ).fetchone()
     assert error.startswith("truncated") and version == SCHEMA_VERSION
     assert kind == "TIMESTAMP WITH TIME ZONE"
-    now = dt.datetime.now(dt.timezone.utc).timestamp() * 1e6
+    now = dt.datetime.now(dt.UTC).timestamp() * 1e6
     assert now - 600e6 < epoch_us <= now
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ CATEGORY_IDS = [c["id"] for c in SYNTHETIC_CATEGORIES]
 CLASS_NAMES = [c["name"] for c in SYNTHETIC_CATEGORIES]
 IS_THING = [bool(c["isthing"]) for c in SYNTHETIC_CATEGORIES]
 INDEX = {cid: k for k, cid in enumerate(CATEGORY_IDS)}
-T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
 IMAGE_DIR = "/data/images"  # predictions name images by URI; only the basename has to match the GT
 runner = CliRunner()
 

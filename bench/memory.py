@@ -1,0 +1,288 @@
+"""Memory: peak RSS of the driver and of the Ray workers for N1 = 200 vs N2 = 2000 images.
+
+    python -m bench.memory [--n1 200] [--n2 2000] [--model micro] [--batch-size 4] [--threads 1]
+                           [--distinct 100] [--interval 0.2] [--in-process]
+
+Each run is `jobs.segment.run` from a local folder to local Parquet (`bench.pipeline.run_pipeline`), in a fresh
+process (spawned; it starts its own Ray), so neither run inherits the other's heap. A thread in this process
+samples, every `--interval` seconds, the RSS of that process (the driver) and of all its descendants (Ray's
+raylet, GCS and agents, and its workers: the prepare tasks, the model actor, the writers), and keeps the peak
+of each process and the peak of each sum over time. A streaming job should need the same memory for 2 000
+images as for 200 (target: within 10 %).
+
+The images are small synthetic scenes (`--distinct` of them drawn with `pipeline.synthetic.generate`, repeated
+to make up N files) and the default model is `micro` (64-128 px inputs), so 2 000 images stay quick; the
+memory question is about the pipeline, not the model. `--model demo` measures with the bundled model.
+
+RSS counts shared pages in every process that maps them (Ray's object store is shared memory that workers
+map to read blocks without copying), so sums over processes overstate the machine's use; they are compared
+between the two runs, where the overstatement is the same kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import table, write_result
+from bench.pipeline import listed_uris, resolve_model, run_pipeline, run_pipeline_to_file, write_images
+
+TARGET_RATIO = 1.10  # issue 5: peak memory at 2 000 images within 10 % of 200 images
+KINDS = ("driver", "worker", "ray")  # ray: raylet, GCS, dashboard and runtime-env agents, log monitor
+MB = 1024**2
+
+
+def _psutil() -> Any:
+    """psutil: installed, or the copy Ray ships (importing ray puts ray/thirdparty_files on sys.path)."""
+    try:
+        return importlib.import_module("psutil")
+    except ImportError:
+        importlib.import_module("ray")
+        return importlib.import_module("psutil")
+
+
+class PeakSampler(threading.Thread):
+    """Samples the RSS of process `root` and its descendants every `interval` s until `stop()`.
+
+    `peaks`: pid -> {"kind", "title", "peak_rss"}; `sum_peaks`: kind (and "all") -> the largest sum of the
+    RSS of that kind's processes seen in one sample.
+    """
+
+    def __init__(self, root: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.psutil = _psutil()
+        self.root, self.interval = root, interval
+        self.peaks: dict[int, dict[str, Any]] = {}
+        self.sum_peaks: dict[str, int] = {kind: 0 for kind in (*KINDS, "all")}
+        self.samples = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop_event.wait(self.interval):
+                break
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.sample()  # the end state too
+
+    def sample(self) -> None:
+        psutil = self.psutil
+        try:
+            root = psutil.Process(self.root)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        sums = dict.fromkeys(self.sum_peaks, 0)
+        for process in processes:
+            try:
+                rss = process.memory_info().rss
+                title = " ".join(process.cmdline())
+            except psutil.Error:  # gone between listing and reading, or a zombie
+                continue
+            kind = "driver" if process.pid == self.root else _kind(title)
+            entry = self.peaks.setdefault(process.pid, {"kind": kind, "title": "", "peak_rss": 0})
+            if rss >= entry["peak_rss"]:
+                entry["peak_rss"] = rss
+            if not title.startswith("ray::IDLE") or not entry["title"]:  # what it did, not that it idled after
+                entry["title"] = title[:100]
+            sums[kind] += rss
+            sums["all"] += rss
+        for kind, value in sums.items():
+            self.sum_peaks[kind] = max(self.sum_peaks[kind], value)
+        self.samples += 1
+
+    def summary(self, top: int = 8) -> dict[str, Any]:
+        workers = [p for p in self.peaks.values() if p["kind"] == "worker"]
+        driver = [p for p in self.peaks.values() if p["kind"] == "driver"]
+        largest = sorted(self.peaks.values(), key=lambda p: p["peak_rss"], reverse=True)[:top]
+        return {
+            "driver_peak_mb": driver[0]["peak_rss"] / MB if driver else None,
+            "largest_worker_peak_mb": max((p["peak_rss"] for p in workers), default=0) / MB,
+            "workers_sum_peak_mb": self.sum_peaks["worker"] / MB,
+            "ray_processes_sum_peak_mb": self.sum_peaks["ray"] / MB,
+            "all_sum_peak_mb": self.sum_peaks["all"] / MB,
+            "processes_seen": len(self.peaks),
+            "workers_seen": len(workers),
+            "samples": self.samples,
+            "largest_processes": [
+                {"kind": p["kind"], "peak_mb": p["peak_rss"] / MB, "title": p["title"]} for p in largest
+            ],
+        }
+
+
+def _kind(title: str) -> str:
+    """Ray sets its workers' process titles to `ray::<task or actor>`; before that they run default_worker.py."""
+    return "worker" if title.startswith("ray::") or "default_worker.py" in title else "ray"
+
+
+def measure(
+    n: int,
+    *,
+    model_uri: str,
+    images: Path,
+    output: Path,
+    batch_size: int,
+    threads: int,
+    interval: float,
+    isolate: bool = True,
+) -> dict[str, Any]:
+    """One run over the first `n` files of `images`, sampled; returns the peaks and the run's rates.
+
+    `isolate`: run the job in a fresh spawned process (the driver) that starts its own Ray. Otherwise run it
+    here, reusing this process's Ray if it has one (the smoke test): the driver is then this process.
+    """
+    manifest = output.parent / f"manifest-{n}.txt"
+    manifest.write_text("\n".join(listed_uris(str(images))[:n]) + "\n")
+    kwargs = {
+        "input": str(manifest),
+        "output": str(output),
+        "model_uri": model_uri,
+        "batch_size": batch_size,
+        "threads": threads,
+    }
+    if isolate:
+        result_path = output.parent / f"result-{n}.json"
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_pipeline_to_file, args=(kwargs, str(result_path))
+        )
+        process.start()
+        sampler = PeakSampler(process.pid, interval)
+        sampler.start()
+        process.join()
+        sampler.stop()
+        if process.exitcode != 0:
+            raise RuntimeError(f"the job over {n} images failed in its process (exit code {process.exitcode})")
+        run = json.loads(result_path.read_text())
+    else:
+        sampler = PeakSampler(os.getpid(), interval)
+        sampler.start()
+        try:
+            run = run_pipeline(**kwargs)
+        finally:
+            sampler.stop()
+    keep = ("images", "errors", "wall_s", "images_per_s_with_startup", "images_per_s_steady", "timings_s")
+    return {"n": n, **sampler.summary(), "run": {k: run[k] for k in keep}}
+
+
+def bench(
+    *,
+    n1: int,
+    n2: int,
+    model: str,
+    batch_size: int,
+    threads: int,
+    distinct: int,
+    interval: float,
+    workdir: Path,
+    isolate: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Both runs over the same image files (the first n1 and n2 of max(n1, n2)); the N2/N1 ratios."""
+    model_uri, model_note = resolve_model(model, workdir)
+    images = workdir / "images"
+    write_images(str(images), max(n1, n2), seed=seed, distinct=distinct)
+    shared = {"model_uri": model_uri, "images": images, "batch_size": batch_size, "threads": threads}
+    runs = [measure(n, output=workdir / f"out-{n}", interval=interval, isolate=isolate, **shared) for n in (n1, n2)]
+    metrics = ["driver_peak_mb", "largest_worker_peak_mb", "workers_sum_peak_mb", "ray_processes_sum_peak_mb"]
+    ratios = {m: runs[1][m] / runs[0][m] if runs[0][m] else None for m in [*metrics, "all_sum_peak_mb"]}
+    return {
+        "n1": n1,
+        "n2": n2,
+        "model": model_note,
+        "batch_size": batch_size,
+        "threads": threads,
+        "distinct_images": distinct,
+        "interval_s": interval,
+        "isolated": isolate,
+        "ratios": ratios,
+        "runs": runs,
+    }
+
+
+def tables(result: dict[str, Any]) -> str:
+    n1, n2 = result["n1"], result["n2"]
+    labels = {
+        "driver_peak_mb": "driver peak RSS, MB",
+        "largest_worker_peak_mb": "largest worker peak RSS, MB",
+        "workers_sum_peak_mb": "workers' summed RSS, peak, MB",
+        "ray_processes_sum_peak_mb": "Ray's own processes, summed, peak, MB",
+        "all_sum_peak_mb": "everything summed, peak, MB",
+    }
+    first, second = result["runs"]
+
+    def f(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = [[label, f(first[k]), f(second[k]), f(result["ratios"][k], 3)] for k, label in labels.items()]
+    rows.append(["workers seen", first["workers_seen"], second["workers_seen"], ""])
+    rows.append(
+        [
+            "images/s with start-up",
+            f(first["run"]["images_per_s_with_startup"], 2),
+            f(second["run"]["images_per_s_with_startup"], 2),
+            "",
+        ]
+    )
+    lines = [
+        f"model: {result['model']}, batch {result['batch_size']}, 1 actor x {result['threads']} thread(s), "
+        f"{result['distinct_images']} distinct scenes, sampled every {result['interval_s']} s",
+        "",
+        table(["", f"{n1} images", f"{n2} images", f"ratio {n2}/{n1}"], rows),
+        f"(target: ratio <= {TARGET_RATIO:.2f})",
+    ]
+    for run in result["runs"]:
+        lines += ["", f"largest processes, {run['n']} images:"]
+        lines.append(
+            table(
+                ["kind", "peak MB", "process"],
+                [[p["kind"], f(p["peak_mb"]), p["title"][:80]] for p in run["largest_processes"]],
+            )
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n1", type=int, default=200)
+    parser.add_argument("--n2", type=int, default=2000)
+    parser.add_argument("--model", default="micro", help="micro | demo | random-demo | a checkpoint path or URI")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the actor")
+    parser.add_argument("--distinct", type=int, default=100, help="distinct synthetic scenes, repeated to N files")
+    parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
+    parser.add_argument("--in-process", action="store_true", help="run the jobs in this process (not isolated)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="memory", help="results file name")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="m2f-bench-") as tmp:
+        result = bench(
+            n1=args.n1,
+            n2=args.n2,
+            model=args.model,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            distinct=args.distinct,
+            interval=args.interval,
+            workdir=Path(tmp),
+            isolate=not args.in_process,
+            seed=args.seed,
+        )
+    print()
+    print(tables(result))
+    path = write_result(args.name, result)
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()

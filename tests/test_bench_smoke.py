@@ -1,0 +1,143 @@
+"""The benchmarks in a tiny configuration, so that they cannot rot.
+
+Each bench's core function runs end to end on a handful of images with the micro model: the bare loop,
+`m2f segment` on a local Ray from a folder and from a moto S3 server, the memory sampler, 1 vs 2 actors, and the
+GPU bench's CPU path. The figures mean nothing at this size and are not checked, only that every one of them
+exists; nothing is written to bench/results.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from bench import gpu, memory, scaleout
+from bench import pipeline as pipeline_bench
+
+
+@pytest.fixture(scope="module")
+def ray_three_cpus() -> Iterator[None]:
+    """One local Ray for the module, with 3 logical CPUs: two 1-CPU actors and a prepare task fit."""
+    import ray
+
+    from jobs.cluster import connect
+
+    started = connect(None, num_cpus=3)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_steady_rate_leaves_out_the_first_batch() -> None:
+    rate, span = pipeline_bench.steady_rate([5.0, 0.0, 0.0, 2.0, 3.0], skip=2)  # order does not matter
+    assert (rate, span) == (pytest.approx(0.6), 5.0)  # 3 rows after the first 2, over 5 s
+    assert pipeline_bench.steady_rate([1.0], skip=4) == (None, None)
+
+
+def test_pipeline_bench_compares_the_job_with_the_bare_loop(ray_three_cpus, tmp_path) -> None:
+    result = pipeline_bench.bench(
+        n=5, model="micro", batch_size=2, actors=1, threads=1, sources=["local", "s3"], repeats=1, workdir=tmp_path
+    )
+    modes = {s["mode"]: s for s in result["summary"]}
+    assert set(modes) == {"bare loop", "pipeline local", "pipeline s3"}
+    for s in modes.values():
+        assert s["images"] == 5 and s["images_per_s_with_startup"] > 0 and s["images_per_s_steady"] > 0
+        assert s["ratio_with_startup"] > 0 and s["ratio_steady"] > 0
+    assert len({s["segments"] for s in modes.values()}) == 1  # the same forward passes everywhere
+    for run in result["runs"][1:]:
+        assert {"ray_start", "model_probe", "list_and_plan", "processing", "ray_stop"} <= set(run["timings_s"])
+        assert any("Segmenter" in op["name"] for op in run["operators"]) and "Segmenter" in run["ray_data_stats"]
+    text = pipeline_bench.tables(result)
+    assert "pipeline s3" in text and "MapBatches(prepare_images)" in text
+    with pytest.raises(ValueError, match="sources"):
+        pipeline_bench.bench(
+            n=1, model="micro", batch_size=1, actors=1, threads=1, sources=["ftp"], repeats=1, workdir=tmp_path
+        )
+
+
+def test_memory_bench_samples_the_driver_and_the_workers(ray_three_cpus, tmp_path) -> None:
+    result = memory.bench(
+        n1=2,
+        n2=4,
+        model="micro",
+        batch_size=2,
+        threads=1,
+        distinct=2,
+        interval=0.05,
+        workdir=tmp_path,
+        isolate=False,  # reuse the module's Ray; `python -m bench.memory` spawns a process per run
+    )
+    for run in result["runs"]:
+        assert run["run"]["images"] == run["n"]
+        assert run["driver_peak_mb"] > 0 and run["workers_seen"] >= 1 and run["largest_worker_peak_mb"] > 0
+        assert run["all_sum_peak_mb"] >= max(run["driver_peak_mb"], run["workers_sum_peak_mb"])
+    assert all(ratio is not None and ratio > 0 for ratio in result["ratios"].values())
+    assert "ratio 4/2" in memory.tables(result)
+
+
+def test_the_sampler_follows_a_spawned_process_tree() -> None:
+    """What `measure(isolate=True)` relies on: the peak of a child's child, 64 MB of it touched."""
+    code = (
+        "import subprocess, sys; subprocess.run([sys.executable, '-c', "
+        "'import time; b = bytes([1]) * 64 * 2**20; time.sleep(1.5)'])"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    sampler = memory.PeakSampler(child.pid, interval=0.05)
+    sampler.start()
+    child.wait()
+    sampler.stop()
+    summary = sampler.summary()
+    assert summary["processes_seen"] >= 2 and summary["samples"] > 3
+    assert max(p["peak_mb"] for p in summary["largest_processes"]) >= 64
+
+
+def test_scaleout_bench_runs_one_and_two_actors(ray_three_cpus, tmp_path) -> None:
+    result = scaleout.bench(
+        n=6,
+        model="micro",
+        actor_counts=[1, 2],
+        batch_size=2,
+        threads=1,
+        repeats=1,
+        workdir=tmp_path,
+        ray_cpus=None,  # the module's Ray
+    )
+    first, second = result["summary"]
+    assert (first["actors"], second["actors"]) == (1, 2)
+    assert first["speedup_steady"] == pytest.approx(1.0) and second["speedup_steady"] > 0
+    assert first["prepare_cpu_s"] is not None and second["segmenter_cpu_s"] is not None
+    assert "speed-up steady" in scaleout.tables(result)
+
+
+def test_gpu_bench_cpu_smoke_path(ray_three_cpus, tmp_path) -> None:
+    result = gpu.bench(
+        device="cpu",
+        smoke=True,
+        presets=["r50_coco_panoptic", "swin_l_coco_panoptic"],
+        sizes=[(64, 64)],
+        precisions=["fp32", "bf16"],
+        batches=[1, 2],
+        warmup=1,
+        iters=1,
+        workdir=tmp_path,
+        pipeline_n=3,
+        pipeline_presets=["r50_coco_panoptic"],
+        pipeline_precisions=["bf16"],
+        pipeline_batch_size=2,
+    )
+    assert len(result["forward"]) == 2 * 2 * 2
+    for row in result["forward"]:
+        assert not row["oom"] and row["images_per_s"] > 0 and row["gflops_per_image"] > 0 and row["tflops"] > 0
+    (run,) = result["pipeline"]
+    assert run["images"] == 3 and run["images_per_s_with_startup"] > 0
+    assert "swin_l_coco_panoptic-smoke" in gpu.tables(result)
+
+
+def test_gpu_bench_without_cuda_says_so_and_exits_0(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main([]) == 0
+    assert "CUDA is not available" in capsys.readouterr().out
