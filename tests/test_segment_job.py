@@ -7,7 +7,6 @@ Outputs are read back the way users read them: DuckDB over the Parquet files, py
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,24 +26,16 @@ import torch
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-import jobs.segment as segment_job
+import jobs.resume as resume
 from cli import app
-from jobs.segment import (
-    SegmentConfig,
-    capacity_warnings,
-    drop_rows,
-    ids_to_keys,
-    isin_sorted,
-    plan_work,
-    resolve_device,
-    scan_output,
-    uri_key,
-)
+from jobs.resume import drop_rows, ids_to_keys, isin_sorted, plan_work, scan_output, uri_key
+from jobs.segment import SegmentConfig, capacity_warnings, resolve_device
 from pipeline.schema import OUTPUT_SCHEMA, error_row, image_id, ok_row, rows_to_table
 from pipeline.sources import list_inputs
 from pipeline.storage import open_fs
 from tests.conftest import TEST_AWS_ACCESS_KEY_ID, TEST_AWS_SECRET_ACCESS_KEY, TEST_SECRETS
 from tests.corpus import write_corpus
+from tests.processes import kill_tree
 from tests.test_infer import png, tiny_model_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -250,45 +241,6 @@ def test_rerun_skips_everything_and_overwrite_redoes_it(ray_cluster, models, tmp
 # --- kill and resume -----------------------------------------------------------------------------
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Ray's workers start their own sessions, so a process group misses them)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the process, its group and every descendant at once, as a crashed machine would."""
-    tree = descendants(process.pid)
-    os.killpg(process.pid, signal.SIGKILL)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in tree):
-        assert time.monotonic() < deadline, "killed processes did not exit"
-        time.sleep(0.1)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
-
-
 def test_a_killed_run_resumes_to_exactly_one_ok_row_per_image(ray_cluster, models, tmp_path) -> None:
     source, out = tmp_path / "in", tmp_path / "out"
     uris = write_images(source, [(64 + i % 5 * 8, 48) for i in range(40)])
@@ -387,7 +339,7 @@ def test_plan_skips_done_and_repeated_uris(tmp_path, monkeypatch) -> None:
     uris = write_images(source, [(4, 4)] * 5)
     manifest = tmp_path / "list.txt"
     manifest.write_text("\n".join(uris + uris[:2]) + "\n")  # two URIs listed twice
-    monkeypatch.setattr(segment_job, "WORK_CHUNK", 3)  # repeats across chunk boundaries too
+    monkeypatch.setattr(resume, "WORK_CHUNK", 3)  # repeats across chunk boundaries too
     fs, root = open_fs(str(tmp_path / "work"), {})
     done = np.sort(np.array([uri_key(uris[4])], np.uint64))
     plan = plan_work(list_inputs(str(manifest), {}), done, overwrite=False, fs=fs, folder=root)

@@ -1,0 +1,219 @@
+"""OUTPUT's ledger for resuming exactly once: which images already have an ok row, and what is left.
+
+Image ids are compared as uint64 (the 16 hex digits of `schema.image_id`) in sorted NumPy arrays, so
+the driver holds 8 bytes per image, not a Python set of strings: tens of millions of images fit.
+The listing is streamed into work-manifest Parquet files of at most WORK_CHUNK URIs, which the Ray
+Data pipeline reads back; the driver never holds more than one chunk of URIs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+from pipeline.preview import PREVIEWS_DIR
+from pipeline.schema import STATUS_ERROR, STATUS_OK
+from pipeline.sources import Listing
+from pipeline.storage import is_temporary, open_fs, remove_temporaries, storage_options, write_atomic
+
+log = logging.getLogger(__name__)
+
+PART_PATTERN = re.compile(r"^part-.+\.parquet$")
+RUNS_DIR = "_runs"
+QUARANTINE_DIR = "_quarantine"
+WORK_CHUNK = 100_000  # URIs per work-manifest file: the most the driver holds at once
+
+
+# --- image ids as uint64 --------------------------------------------------------------------------
+
+
+def uri_key(uri: str) -> int:
+    """`schema.image_id(uri)` as an integer: the first 8 bytes of sha256, big-endian."""
+    return int.from_bytes(hashlib.sha256(uri.encode("utf-8")).digest()[:8], "big")
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def ids_to_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """16-hex-digit image ids -> (N,) uint64, vectorised. Raises ValueError on anything else."""
+    values = ids.to_numpy(zero_copy_only=False) if len(ids) else np.empty(0, object)
+    if len(values) and (pc.any(pc.not_equal(pc.utf8_length(ids), 16)).as_py() or ids.null_count):
+        raise ValueError("image_id values must be 16 hex digits")
+    digits = _HEX[np.frombuffer(np.asarray(values, dtype="S16").tobytes(), np.uint8)].reshape(-1, 16)  # (N, 16)
+    if (digits == 255).any():
+        raise ValueError("image_id values must be 16 hex digits")
+    shifts = np.arange(60, -1, -4, dtype=np.uint64)  # most significant digit first
+    return np.bitwise_or.reduce(digits.astype(np.uint64) << shifts, axis=1)
+
+
+def isin_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """values (N,) uint64 -> (N,) bool: present in `sorted_keys` (ascending, unique)."""
+    if len(sorted_keys) == 0 or len(values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.searchsorted(sorted_keys, values).clip(max=len(sorted_keys) - 1)
+    return sorted_keys[at] == values
+
+
+# --- what OUTPUT already holds --------------------------------------------------------------------
+
+
+@dataclass
+class Existing:
+    """The state of OUTPUT before the run."""
+
+    ok_keys: np.ndarray  # (N,) uint64, sorted unique: images with an ok row
+    parts: list[str]  # readable part files
+    with_errors: list[str]  # the part files holding at least one error row
+    other_model_rows: int = 0  # ok rows made with another model or task
+    duplicate_ok_rows: int = 0  # ok rows of an image that has another ok row (none unless files were copied in)
+    quarantined: list[str] = field(default_factory=list)
+    temporaries_removed: int = 0
+
+
+def _read_columns(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def scan_output(fs: AbstractFileSystem, root: str, *, model: str, task: str) -> Existing:
+    """Read `image_id`/`status` of every part file under `root`; clean up after killed runs.
+
+    Temporaries (hidden, with the temporary marker) are removed; a part file that cannot be read as our
+    schema is moved to `_quarantine/` so that neither this run nor a reader of the dataset trips on it.
+    """
+    if not fs.exists(root):
+        return Existing(np.empty(0, np.uint64), [], [])
+    fs.invalidate_cache(root)
+    entries = fs.ls(root, detail=True)
+    temporaries = [e["name"] for e in entries if is_temporary(e["name"])]
+    for sub in (RUNS_DIR, PREVIEWS_DIR):
+        folder = posixpath.join(root, sub)
+        if fs.isdir(folder):
+            temporaries += [p for p in fs.ls(folder, detail=False) if is_temporary(p)]
+    existing = Existing(np.empty(0, np.uint64), [], [], temporaries_removed=remove_temporaries(fs, temporaries))
+    ok_chunks = []
+    parts = sorted(
+        e["name"] for e in entries if e["type"] == "file" and PART_PATTERN.match(posixpath.basename(e["name"]))
+    )
+    for path in parts:
+        try:
+            table = _read_columns(fs, path, ["image_id", "status", "task", "model"])
+            keys = ids_to_keys(table["image_id"])
+        except Exception as e:
+            existing.quarantined.append(_quarantine(fs, root, path, e))
+            continue
+        ok = pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
+        ok_chunks.append(keys[ok])
+        same = pc.and_(pc.equal(table["task"], task), pc.equal(table["model"], model)).to_numpy(zero_copy_only=False)
+        existing.other_model_rows += int((ok & ~same).sum())
+        existing.parts.append(path)
+        if not ok.all():
+            existing.with_errors.append(path)
+    if ok_chunks:
+        all_ok = np.concatenate(ok_chunks)
+        existing.ok_keys = np.unique(all_ok)
+        existing.duplicate_ok_rows = len(all_ok) - len(existing.ok_keys)
+    return existing
+
+
+def _quarantine(fs: AbstractFileSystem, root: str, path: str, e: Exception) -> str:
+    target = posixpath.join(root, QUARANTINE_DIR, posixpath.basename(path))
+    fs.makedirs(posixpath.dirname(target), exist_ok=True)
+    fs.mv(path, target)
+    log.warning("moved unreadable part file %s to %s (%s)", path, target, type(e).__name__)
+    return target
+
+
+def drop_rows(fs: AbstractFileSystem, paths: list[str], pending: np.ndarray, ok_keys: np.ndarray) -> int:
+    """Remove from `paths` the rows of images about to be processed (`pending`), and error rows of
+    images that have an ok row; each file is rewritten atomically, or deleted once empty. Returns the
+    number of rows removed."""
+    removed = 0
+    for path in paths:
+        table = _read_columns(fs, path, ["image_id", "status"])
+        keys = ids_to_keys(table["image_id"])
+        error = pc.equal(table["status"], STATUS_ERROR).to_numpy(zero_copy_only=False)
+        drop = isin_sorted(keys, pending) | (error & isin_sorted(keys, ok_keys))
+        if not drop.any():
+            continue
+        removed += int(drop.sum())
+        if drop.all():
+            fs.rm(path)
+        else:
+            kept = _read_columns(fs, path).filter(pa.array(~drop))
+            write_atomic(fs, path, parquet_bytes(kept))
+    return removed
+
+
+# --- the work manifest ----------------------------------------------------------------------------
+
+
+@dataclass
+class WorkPlan:
+    files: list[str]  # work-manifest Parquet files (paths on the output filesystem)
+    pending: np.ndarray  # (N,) uint64 sorted: the images this run processes
+    listed: int = 0
+    duplicates: int = 0
+    already_done: int = 0
+
+
+def plan_work(
+    listing: Listing, ok_keys: np.ndarray, *, overwrite: bool, fs: AbstractFileSystem, folder: str
+) -> WorkPlan:
+    """Stream the listing into work-manifest files of at most WORK_CHUNK URIs, leaving out images that
+    already have an ok row (unless `overwrite`) and URIs listed before. The driver holds one chunk of
+    URIs and 8 bytes per listed image."""
+    seen = np.empty(0, np.uint64)  # sorted keys of every URI listed so far
+    plan = WorkPlan(files=[], pending=np.empty(0, np.uint64))
+    pending_chunks = []
+    for chunk in listing.batches(WORK_CHUNK):
+        keys = np.fromiter((uri_key(u) for u in chunk), dtype=np.uint64, count=len(chunk))
+        keep = np.zeros(len(chunk), dtype=bool)
+        keep[np.unique(keys, return_index=True)[1]] = True  # the first of repeats within the chunk
+        keep &= ~isin_sorted(keys, seen)
+        plan.listed += len(chunk)
+        plan.duplicates += int(len(chunk) - keep.sum())
+        fresh = np.sort(keys[keep])
+        seen = np.insert(seen, np.searchsorted(seen, fresh), fresh)
+        if not overwrite:
+            done = keep & isin_sorted(keys, ok_keys)
+            plan.already_done += int(done.sum())
+            keep &= ~done
+        if keep.any():
+            uris = [u for u, k in zip(chunk, keep.tolist(), strict=True) if k]
+            path = posixpath.join(folder, f"work-{len(plan.files):06d}.parquet")
+            write_atomic(fs, path, parquet_bytes(pa.table({"image_uri": pa.array(uris, pa.string())})))
+            plan.files.append(path)
+            pending_chunks.append(keys[keep])
+    if pending_chunks:
+        plan.pending = np.sort(np.concatenate(pending_chunks))
+    return plan
+
+
+def read_work_files(
+    batch: pa.Table, *, output: str, endpoint_url: str | None = None, storage_options_json: str | None = None
+) -> pa.Table:
+    """The URIs of the work-manifest files named in `batch` (paths on OUTPUT's filesystem)."""
+    fs, _ = open_fs(output, storage_options(output, endpoint_url, storage_options_json))
+    tables = [_read_columns(fs, path, ["image_uri"]) for path in batch["path"].to_pylist()]
+    return pa.concat_tables(tables) if tables else pa.table({"image_uri": pa.array([], pa.string())})
