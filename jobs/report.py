@@ -129,6 +129,7 @@ def summary_table(counts: RunCounts, *, skipped_files: int, processing_s: float,
     if counts.duplicates:
         rows.append(("duplicate URIs ignored", str(counts.duplicates)))
     rows += [
+        ("processing time", f"{processing_s:.1f} s (Ray Data: workers and model start-up included)"),
         ("images / s", rate),
         ("error rate", f"{counts.error_rate:.4f}"),
         ("output", output),
