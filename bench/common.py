@@ -74,6 +74,15 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def publish(name: str, text: str, payload: dict[str, Any]) -> Path:
+    """Print a benchmark's tables, record `payload` in bench/results/<name>.json and say where."""
+    print()
+    print(text)
+    path = write_result(name, payload)
+    print(f"\nwritten to {path}")
+    return path
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from bench.common import median, table, timed, write_result
+from bench.common import median, publish, table, timed
 
 
 def hf_model(name: str):
@@ -103,15 +103,11 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         rows += bench(name, sizes, args.repeats)
-    print()
-    print(
-        table(
-            ["model", "size", "hf s", "ours s", "speedup", "max|diff|"],
-            [[r["model"], r["size"], r["hf_s"], r["ours_s"], r["speedup"], f"{r['max_abs_diff']:.1e}"] for r in rows],
-        )
+    text = table(
+        ["model", "size", "hf s", "ours s", "speedup", "max|diff|"],
+        [[r["model"], r["size"], r["hf_s"], r["ours_s"], r["speedup"], f"{r['max_abs_diff']:.1e}"] for r in rows],
     )
-    path = write_result(args.name, {"threads": args.threads, "repeats": args.repeats, "rows": rows})
-    print(f"\nwritten to {path}")
+    publish(args.name, text, {"threads": args.threads, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

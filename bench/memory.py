@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import table, write_result
+from bench.common import publish, table
 from bench.pipeline import listed_uris, resolve_model, run_pipeline, run_pipeline_to_file, write_images
 
 TARGET_RATIO = 1.10  # issue 5: peak memory at 2 000 images within 10 % of 200 images
@@ -278,10 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             isolate=not args.in_process,
             seed=args.seed,
         )
-    print()
-    print(tables(result))
-    path = write_result(args.name, result)
-    print(f"\nwritten to {path}")
+    publish(args.name, tables(result), result)
 
 
 if __name__ == "__main__":

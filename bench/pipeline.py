@@ -36,14 +36,9 @@ import contextlib
 import json
 import os
 import posixpath
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,11 +49,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from bench.common import table, write_result
+from bench.common import publish, table
+from tests.moto_server import moto_server
 
 SOURCES = ("local", "s3")
 MOTO_KEY, MOTO_SECRET = "m2f-bench-key", "m2f-bench-secret"  # moto accepts any; never real credentials
-MOTO_START_TIMEOUT_S = 60.0
 TARGET_RATIO = 0.9  # issue 5: the pipeline at >= 90 % of the bare loop's images/second
 
 
@@ -179,51 +174,22 @@ def listed_uris(input: str, storage_options: dict[str, Any] | None = None) -> li
 
 @contextlib.contextmanager
 def moto_s3(log_dir: Path) -> Iterator[str]:
-    """A moto S3 server subprocess on 127.0.0.1 for the length of the block; yields its endpoint URL.
+    """A moto S3 server (`tests.moto_server`) for the length of the block; yields its endpoint URL.
 
     127.0.0.1 joins NO_PROXY meanwhile (processes started inside, Ray's workers too, inherit it).
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = log_dir / f"moto-{port}.log"
     saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy")}
     for name, value in saved.items():
         os.environ[name] = ",".join(filter(None, [value, "127.0.0.1", "localhost"]))
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
-        )
     try:
-        _wait_until_up(url, process, log)
-        yield url
+        with moto_server(log_dir) as url:
+            yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + MOTO_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            with opener.open(url + "/", timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    raise RuntimeError(f"moto server did not answer at {url} within {MOTO_START_TIMEOUT_S:.0f}s")
 
 
 def moto_options_json() -> str:
@@ -673,10 +639,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ray_cpus=args.ray_cpus,
             seed=args.seed,
         )
-    print()
-    print(tables(result))
-    path = write_result(args.name, result)
-    print(f"\nwritten to {path}")
+    publish(args.name, tables(result), result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import table, write_result
+from bench.common import publish, table
 from bench.pipeline import resolve_model, run_pipeline, write_images
 
 TARGET_SPEEDUP = 1.8  # issue 5: 2 actors >= 1.8x one actor on 2 cores with 1 thread each
@@ -165,10 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ray_cpus=args.ray_cpus,
             seed=args.seed,
         )
-    print()
-    print(tables(result))
-    path = write_result(args.name, result)
-    print(f"\nwritten to {path}")
+    publish(args.name, tables(result), result)
 
 
 if __name__ == "__main__":

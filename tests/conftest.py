@@ -8,15 +8,8 @@ them and prove they never leak. They are exported into os.environ for the whole 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -25,11 +18,11 @@ import pytest
 from fsspec import AbstractFileSystem
 
 from pipeline.storage import storage_options
+from tests.moto_server import moto_server
 
 TEST_AWS_ACCESS_KEY_ID = "m2f-test-key-AKIA9SECRET"
 TEST_AWS_SECRET_ACCESS_KEY = "m2f-test-secret-0123456789"
 TEST_SECRETS = (TEST_AWS_ACCESS_KEY_ID, TEST_AWS_SECRET_ACCESS_KEY)
-MOTO_START_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="session")
@@ -56,48 +49,11 @@ def aws_credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
     patch.undo()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + MOTO_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            with opener.open(url + "/", timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    raise RuntimeError(f"moto server did not answer at {url} within {MOTO_START_TIMEOUT_S:.0f}s")
-
-
 @pytest.fixture(scope="session")
 def s3_server(aws_credentials: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server subprocess on 127.0.0.1; yields its endpoint URL."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, process, log)
+    with moto_server(tmp_path_factory.mktemp("moto")) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="session")
