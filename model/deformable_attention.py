@@ -1,8 +1,8 @@
 """Multi-scale deformable attention (Deformable DETR) in plain PyTorch.
 
-No compiled extension: the bilinear sampling of all levels, heads, queries and points is one
-`embedding_bag` gather (see `ms_deform_attn_sample`); `ms_deform_attn_sample_grid` is the same thing
-with `grid_sample`, kept as the reference the tests compare against. Sampling locations are computed
+No compiled extension: the bilinear sampling of all heads, queries and points is one
+`embedding_bag` gather per level (see `ms_deform_attn_sample`); `ms_deform_attn_sample_grid` is the
+same thing with `grid_sample`, kept as the reference the tests compare against. Sampling locations are computed
 and used in fp32 under autocast: an offset of a fraction of a pixel is below bf16's resolution at
 these magnitudes.
 """
@@ -17,47 +17,50 @@ from torch import Tensor, nn
 
 
 def ms_deform_attn_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
-    """Bilinear sampling of every level, weighted by the attention and summed, in one gather.
+    """Bilinear sampling of every level, weighted by the attention and summed, as gathers.
 
     value (B, S, M, D) with S = Σ H_l*W_l; locations (B, Lq, M, L, P, 2) in [0, 1] (x, y);
     weights (B, Lq, M, L, P). Returns (B, Lq, M*D).
 
     Each output is Σ over levels, points and the 4 bilinear corners of (attention × corner weight) ×
-    a row of `value`: exactly `embedding_bag(mode="sum")` with per-sample weights. To match
-    `grid_sample(align_corners=False, padding_mode="zeros")` without masks, every level gets a
-    one-pixel zero border and coordinates are clamped into it: a corner outside the map reads a zero.
-    One fused gather replaces L `grid_sample` calls and the weighted sum (2-3x faster on CPU), and
-    gradients reach the values, the locations and the weights alike.
+    a row of `value`: exactly `embedding_bag(mode="sum")` with per-sample weights, one call per
+    level. To match `grid_sample(align_corners=False, padding_mode="zeros")` without masks, every
+    level gets a one-pixel zero border and coordinates are clamped into it: a corner outside the map
+    reads a zero. The index and weight arithmetic runs level by level on contiguous (B, Lq, M, P)
+    tensors with scalar per-level constants: broadcasting a (L, 1, 2) constant against the
+    checkpoint's (…, L, P, 2) layout left TensorIterator with inner loops of length 2, and those
+    elementwise ops cost more than the gathers (bench/NOTES.md). Gradients reach the values, the
+    locations and the weights alike.
     """
-    B, S, M, D = value.shape
-    _, Lq, _, L, P, _ = locations.shape
+    B, _, M, D = value.shape
+    _, Lq, _, _, P, _ = locations.shape
     dev = value.device
     ct = torch.promote_types(value.dtype, torch.float32)  # at least fp32, whatever autocast made of value
-    padded, starts, offset = [], [], 0
-    for (h, w), v in zip(shapes, value.split([h * w for h, w in shapes], dim=1), strict=True):
-        padded.append(F.pad(v.reshape(B, h, w, M, D), (0, 0, 0, 0, 1, 1, 1, 1)).reshape(B, -1, M, D))
-        starts.append(offset)
-        offset += (h + 2) * (w + 2)
-    table = torch.cat(padded, 1).to(ct).reshape(B * offset * M, D)  # rows (b, s, m) of the padded levels
-    wh = torch.tensor([[w, h] for h, w in shapes], device=dev, dtype=ct).view(L, 1, 2)
-    # pixel coordinates in the padded map (+1 for the border), clamped so that far-away points sit on zeros
-    pix = (locations.to(ct) * wh + 0.5).clamp(min=0).minimum(wh + 1)  # (B, Lq, M, L, P, 2)
-    p0 = pix.floor().minimum(wh)
-    frac = pix - p0
-    p0 = p0.long()
-    wp = (wh[..., 0] + 2).long()  # padded widths (L, 1)
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1) * offset
-    m = torch.arange(M, device=dev).view(1, 1, M, 1, 1)
-    y0 = (p0[..., 1] * wp + torch.tensor(starts, device=dev).view(L, 1) + b) * M + m  # (B, Lq, M, L, P)
-    y1 = y0 + wp * M
-    x0 = p0[..., 0] * M
-    x1 = x0 + M
-    rows = torch.stack((y0 + x0, y0 + x1, y1 + x0, y1 + x1), -1)  # (B, Lq, M, L, P, 4)
-    fx, weights = frac[..., 0], weights.to(ct)
-    wy1 = frac[..., 1] * weights
-    wy0 = weights - wy1
-    corner = torch.stack((wy0 - wy0 * fx, wy0 * fx, wy1 - wy1 * fx, wy1 * fx), -1)
-    out = F.embedding_bag(rows.view(-1, L * P * 4), table, per_sample_weights=corner.view(-1, L * P * 4), mode="sum")
+    loc = locations.to(ct).permute(3, 5, 0, 1, 2, 4).contiguous()  # (L, 2, B, Lq, M, P)
+    att = weights.to(ct).permute(3, 0, 1, 2, 4).contiguous()  # (L, B, Lq, M, P)
+    out = None
+    for lvl, ((h, w), v) in enumerate(zip(shapes, value.split([h * w for h, w in shapes], dim=1), strict=True)):
+        n = (h + 2) * (w + 2)  # pixels of the padded level
+        table = (
+            F.pad(v.reshape(B, h, w, M, D), (0, 0, 0, 0, 1, 1, 1, 1)).to(ct).reshape(B * n * M, D)
+        )  # rows (b, y, x, m)
+        it = torch.int32 if B * n * M < 2**31 else torch.int64
+        # pixel coordinates in the padded map (+1 for the border), clamped so that far-away points sit on zeros
+        px = loc[lvl, 0].mul(w).add_(0.5).clamp_(0, w + 1)  # (B, Lq, M, P)
+        py = loc[lvl, 1].mul(h).add_(0.5).clamp_(0, h + 1)
+        x0, y0 = px.floor().clamp_(max=w), py.floor().clamp_(max=h)
+        fx, fy = px - x0, py - y0
+        bm = torch.arange(B, device=dev).view(B, 1, 1, 1) * (n * M) + torch.arange(M, device=dev).view(1, 1, M, 1)
+        top_left = (y0.to(it) * (w + 2) + x0.to(it)) * M + bm.to(it)  # (B, Lq, M, P)
+        corners = torch.tensor([0, M, (w + 2) * M, (w + 3) * M], device=dev, dtype=it)  # TL, TR, BL, BR
+        rows = top_left.unsqueeze(-1) + corners  # (B, Lq, M, P, 4)
+        a = att[lvl]
+        wy1 = a * fy
+        wy0 = a - wy1
+        tr, br = wy0 * fx, wy1 * fx
+        corner = torch.stack((wy0 - tr, tr, wy1 - br, br), -1)  # (B, Lq, M, P, 4)
+        sampled = F.embedding_bag(rows.view(-1, P * 4), table, per_sample_weights=corner.view(-1, P * 4), mode="sum")
+        out = sampled if out is None else out + sampled  # (B*Lq*M, D)
     return out.view(B, Lq, M * D).to(value.dtype)
 
 
