@@ -36,7 +36,7 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         x = self.norm1(x + self.dropout(self.self_attn(x + pos, reference, x, shapes)))
-        return self.norm2(x + self.dropout(self.linear2(self.dropout(torch.relu(self.linear1(x))))))
+        return self.norm2(x + self.dropout(self.linear2(self.dropout(self.linear1(x).relu_()))))
 
 
 def reference_points(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:

@@ -74,7 +74,7 @@ class DecoderLayer(nn.Module):
             x, self.cross_norm, lambda t: self.cross_attn(t + query_pos, memory + memory_pos, memory, allowed)
         )
         x = self._block(x, self.self_norm, lambda t: self.self_attn(t + query_pos, t + query_pos, t))
-        return self._block(x, self.ffn_norm, lambda t: self.linear2(self.drop(torch.relu(self.linear1(t)))))
+        return self._block(x, self.ffn_norm, lambda t: self.linear2(self.drop(self.linear1(t).relu_())))
 
 
 class MLP(nn.Module):
