@@ -50,10 +50,12 @@ def _psutil() -> Any:
 
 
 class PeakSampler(threading.Thread):
-    """Samples the RSS of process `root` and its descendants every `interval` s until `stop()`.
+    """Samples the RSS and CPU time of process `root` and its descendants every `interval` s until `stop()`.
 
-    `peaks`: pid -> {"kind", "title", "peak_rss"}; `sum_peaks`: kind (and "all") -> the largest sum of the
-    RSS of that kind's processes seen in one sample.
+    `peaks`: pid -> {"kind", "title", "peak_rss", "cpu_s"}; `sum_peaks`: kind (and "all") -> the largest sum
+    of the RSS of that kind's processes seen in one sample. `cpu_s` is the process's user + system time at
+    its last sample (from its start: start the sampler before the processes to count them whole; a process
+    that exits loses at most one interval).
     """
 
     def __init__(self, root: int, interval: float) -> None:
@@ -88,12 +90,14 @@ class PeakSampler(threading.Thread):
             try:
                 rss = process.memory_info().rss
                 title = " ".join(process.cmdline())
+                times = process.cpu_times()
             except psutil.Error:  # gone between listing and reading, or a zombie
                 continue
             kind = "driver" if process.pid == self.root else _kind(title)
-            entry = self.peaks.setdefault(process.pid, {"kind": kind, "title": "", "peak_rss": 0})
+            entry = self.peaks.setdefault(process.pid, {"kind": kind, "title": "", "peak_rss": 0, "cpu_s": 0.0})
             if rss >= entry["peak_rss"]:
                 entry["peak_rss"] = rss
+            entry["cpu_s"] = times.user + times.system
             if not title.startswith("ray::IDLE") or not entry["title"]:  # what it did, not that it idled after
                 entry["title"] = title[:100]
             sums[kind] += rss
@@ -119,6 +123,25 @@ class PeakSampler(threading.Thread):
                 {"kind": p["kind"], "peak_mb": p["peak_rss"] / MB, "title": p["title"]} for p in largest
             ],
         }
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds per role: "driver", a Ray worker's task or actor ("ray::MapBatches(prepare_images)",
+        "ray::MapWorker(MapBatches(Segmenter))", from the last title it had before idling), or a Ray
+        daemon by program name (raylet, gcs_server, ...)."""
+        roles: dict[str, float] = {}
+        for entry in self.peaks.values():
+            role = _role(entry["kind"], entry["title"])
+            roles[role] = roles.get(role, 0.0) + entry["cpu_s"]
+        return dict(sorted(roles.items(), key=lambda kv: -kv[1]))
+
+
+def _role(kind: str, title: str) -> str:
+    if kind == "driver":
+        return "driver"
+    if title.startswith("ray::"):
+        return title.split()[0]
+    program = title.split()[0] if title else "?"
+    return os.path.basename(program) if kind == "ray" else f"worker {os.path.basename(program)}"
 
 
 def _kind(title: str) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import publish, table
+from bench.memory import PeakSampler
 from bench.pipeline import resolve_model, run_pipeline, write_images
 
 TARGET_SPEEDUP = 1.8  # issue 5: 2 actors >= 1.8x one actor on 2 cores with 1 thread each
@@ -58,21 +59,27 @@ def bench(
     runs = []
     for r in range(repeats):
         for actors in actor_counts:
-            result = run_pipeline(
-                str(images),
-                str(workdir / f"out-{actors}-{r}"),
-                model_uri,
-                batch_size=batch_size,
-                actors=actors,
-                threads=threads,
-                ray_cpus=ray_cpus,
-            )
+            sampler = PeakSampler(os.getpid(), interval=0.5)  # this process is the driver; Ray starts below it
+            sampler.start()
+            try:
+                result = run_pipeline(
+                    str(images),
+                    str(workdir / f"out-{actors}-{r}"),
+                    model_uri,
+                    batch_size=batch_size,
+                    actors=actors,
+                    threads=threads,
+                    ray_cpus=ray_cpus,
+                )
+            finally:
+                sampler.stop()
             runs.append(
                 {
                     "actors": actors,
                     "repeat": r,
                     "prepare_cpu_s": stage_cpu(result["operators"], "prepare_images"),
                     "segmenter_cpu_s": stage_cpu(result["operators"], "Segmenter"),
+                    "process_cpu_s": sampler.cpu_by_role(),
                     **{k: v for k, v in result.items() if k != "ray_data_stats"},
                 }
             )
@@ -99,6 +106,18 @@ def bench(
         "summary": summary,
         "runs": runs,
     }
+
+
+def cpu_table(result: dict[str, Any]) -> str:
+    """Roles as rows, the first repeat of each actor count as columns."""
+    firsts = [next(run for run in result["runs"] if run["actors"] == s["actors"]) for s in result["summary"]]
+    roles: list[str] = []
+    for run in firsts:
+        roles += [role for role in run["process_cpu_s"] if role not in roles]
+    rows = [[role[:48], *(f"{run['process_cpu_s'].get(role, 0.0):.1f}" for run in firsts)] for role in roles]
+    rows.append(["all processes", *(f"{sum(run['process_cpu_s'].values()):.1f}" for run in firsts)])
+    rows.append(["capacity (wall x cores)", *(f"{run['wall_s'] * result['cores']:.1f}" for run in firsts)])
+    return table(["process", *(f"{run['actors']} actor(s)" for run in firsts)], rows)
 
 
 def tables(result: dict[str, Any]) -> str:
@@ -137,6 +156,9 @@ def tables(result: dict[str, Any]) -> str:
                 rows,
             ),
             f"(target: {TARGET_SPEEDUP}x for 2 actors, steady; prepare = read + decode + resize, sharing the cores)",
+            "",
+            "CPU seconds by process over each whole run (start-up included; capacity = wall x cores):",
+            cpu_table(result),
         ]
     )
 

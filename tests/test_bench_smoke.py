@@ -80,10 +80,12 @@ def test_memory_bench_samples_the_driver_and_the_workers(ray_three_cpus, tmp_pat
 
 
 def test_the_sampler_follows_a_spawned_process_tree() -> None:
-    """What `measure(isolate=True)` relies on: the peak of a child's child, 64 MB of it touched."""
+    """What `measure(isolate=True)` relies on: the peak of a child's child, 64 MB of it touched, and its CPU
+    time (a busy second) for the scale-out bench's accounting."""
     code = (
         "import subprocess, sys; subprocess.run([sys.executable, '-c', "
-        "'import time; b = bytes([1]) * 64 * 2**20; time.sleep(1.5)'])"
+        "'import time; b = bytes([1]) * 64 * 2**20; t = time.process_time()\\n"
+        "while time.process_time() - t < 1.0: pass\\ntime.sleep(0.5)'])"
     )
     child = subprocess.Popen([sys.executable, "-c", code])
     sampler = memory.PeakSampler(child.pid, interval=0.05)
@@ -93,6 +95,8 @@ def test_the_sampler_follows_a_spawned_process_tree() -> None:
     summary = sampler.summary()
     assert summary["processes_seen"] >= 2 and summary["samples"] > 3
     assert max(p["peak_mb"] for p in summary["largest_processes"]) >= 64
+    roles = sampler.cpu_by_role()
+    assert "driver" in roles and sum(roles.values()) >= 0.9  # the grandchild's busy second
 
 
 def test_scaleout_bench_runs_one_and_two_actors(ray_three_cpus, tmp_path) -> None:
@@ -110,7 +114,10 @@ def test_scaleout_bench_runs_one_and_two_actors(ray_three_cpus, tmp_path) -> Non
     assert (first["actors"], second["actors"]) == (1, 2)
     assert first["speedup_steady"] == pytest.approx(1.0) and second["speedup_steady"] > 0
     assert first["prepare_cpu_s"] is not None and second["segmenter_cpu_s"] is not None
-    assert "speed-up steady" in scaleout.tables(result)
+    roles = result["runs"][0]["process_cpu_s"]
+    assert "driver" in roles and any("Segmenter" in role for role in roles)
+    text = scaleout.tables(result)
+    assert "speed-up steady" in text and "capacity (wall x cores)" in text
 
 
 def test_gpu_bench_cpu_smoke_path(ray_three_cpus, tmp_path) -> None:
