@@ -69,6 +69,9 @@ def segment(
     max_error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit non-zero above this error rate.")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Redo images that already have an ok row.")] = False,
     preview: Annotated[int, typer.Option(min=0, help="Write this many overlay PNGs under OUTPUT/_previews/.")] = 0,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="Ray Data's progress bars; default: on a terminal.")
+    ] = None,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Segment every image under INPUT and write one Parquet row per image under OUTPUT."""
@@ -93,6 +96,7 @@ def segment(
         max_error_rate=max_error_rate,
         overwrite=overwrite,
         preview=preview,
+        progress=progress,
         ray_address=ray_address,
     )
     raise typer.Exit(run(config))

@@ -379,6 +379,7 @@ def run_pipeline(
         precision=precision,
         endpoint_url=endpoint_url,
         storage_options_json=storage_options_json,
+        progress=False,  # as a scheduled job runs; bars would cost the driver CPU only on a terminal
     )
     own_ray = ray_cpus is not None and not ray.is_initialized()
     ours: dict[str, float] = {}

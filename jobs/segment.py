@@ -32,6 +32,7 @@ import logging
 import os
 import posixpath
 import secrets
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -100,6 +101,7 @@ class SegmentConfig:
     max_error_rate: float = 0.0
     overwrite: bool = False
     preview: int = 0
+    progress: bool | None = None  # None: when stderr is a terminal (scheduled jobs' logs get none)
     ray_address: str | None = None
 
     def validate(self) -> None:
@@ -235,11 +237,11 @@ def capacity_warnings(resources: dict[str, float], config: SegmentConfig, device
     return out
 
 
-def _quiet_ray_data() -> None:
+def _quiet_ray_data(progress: bool | None) -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
     ctx.verbose_stats_logs = False
@@ -263,7 +265,7 @@ def execute(
     import ray.data
 
     started = time.perf_counter()
-    _quiet_ray_data()
+    _quiet_ray_data(config.progress)
     io_options = {"endpoint_url": config.endpoint_url, "storage_options_json": config.storage_options_json}
     # The work files are read by a plain task, not read_parquet: in Ray 2.60 that datasource starts 32
     # footer-reading actors for a handful of tiny files, which cost tens of seconds of every run's start.

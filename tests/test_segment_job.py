@@ -397,3 +397,22 @@ def test_an_actor_pool_that_leaves_no_cpu_is_flagged() -> None:
     (message,) = capacity_warnings({"CPU": 2.0}, config, "cpu")
     assert "may stall" in message
     assert "GPUs" in capacity_warnings({"CPU": 8.0, "GPU": 1.0}, config, "cuda")[0]
+
+
+@pytest.mark.parametrize(
+    ("asked", "terminal", "expected"), [(None, False, False), (None, True, True), (False, True, False)]
+)
+def test_progress_bars_follow_the_terminal_unless_asked(monkeypatch, asked, terminal, expected) -> None:
+    """Scheduled jobs write logs, not terminals: no bars there unless --progress asks for them."""
+    import ray.data
+
+    from jobs.segment import _quiet_ray_data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.enable_progress_bars
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    try:
+        _quiet_ray_data(asked)
+        assert ctx.enable_progress_bars is expected
+    finally:
+        ctx.enable_progress_bars = before
