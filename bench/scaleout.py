@@ -157,7 +157,7 @@ def tables(result: dict[str, Any]) -> str:
             ),
             f"(target: {TARGET_SPEEDUP}x for 2 actors, steady; prepare = read + decode + resize, sharing the cores)",
             "",
-            "CPU seconds by process over each whole run (start-up included; capacity = wall x cores):",
+            "CPU seconds by process during each run (Ray start-up included; capacity = wall x cores):",
             cpu_table(result),
         ]
     )

@@ -81,10 +81,10 @@ def test_memory_bench_samples_the_driver_and_the_workers(ray_three_cpus, tmp_pat
 
 def test_the_sampler_follows_a_spawned_process_tree() -> None:
     """What `measure(isolate=True)` relies on: the peak of a child's child, 64 MB of it touched, and its CPU
-    time (a busy second) for the scale-out bench's accounting."""
+    time (a busy second, after the sampler has seen it idle) for the scale-out bench's accounting."""
     code = (
         "import subprocess, sys; subprocess.run([sys.executable, '-c', "
-        "'import time; b = bytes([1]) * 64 * 2**20; t = time.process_time()\\n"
+        "'import time; b = bytes([1]) * 64 * 2**20; time.sleep(0.5); t = time.process_time()\\n"
         "while time.process_time() - t < 1.0: pass\\ntime.sleep(0.5)'])"
     )
     child = subprocess.Popen([sys.executable, "-c", code])
