@@ -152,11 +152,14 @@ def test_forward_passes_group_equal_padded_sizes(
     padded = [padded_size(h, w, 32) for h, w in sizes]
     assert padded == [(64, 96), (96, 64), (64, 96), (64, 96), (32, 128), (64, 96), (64, 96)]
     assert shapes == [(2, 3, 64, 96), (2, 3, 64, 96), (1, 3, 64, 96), (1, 3, 96, 64), (1, 3, 32, 128)]
-    # Batched forward passes give the per-image answer (equal padding, eval-mode BatchNorm).
+    # Batched forward passes give the per-image answer (equal padding, eval-mode BatchNorm), up to fp32
+    # rounding: oneDNN may sum in another order for another batch size.
     alone = Segmenter(segmenter.model_uri, run_id="run-1", task="semantic", batch_size=1)(batch).to_pylist()
     for grouped, single in zip(rows, alone, strict=True):
         assert [s["rle"] for s in grouped["segments"]] == [s["rle"] for s in single["segments"]]
-        np.testing.assert_allclose([s["score"] for s in grouped["segments"]], [s["score"] for s in single["segments"]])
+        np.testing.assert_allclose(
+            [s["score"] for s in grouped["segments"]], [s["score"] for s in single["segments"]], rtol=1e-5
+        )
 
 
 def test_a_failing_group_is_retried_image_by_image(
