@@ -247,6 +247,8 @@ def _quiet_ray_data(progress: bool | None) -> None:
     ctx.verbose_stats_logs = False
     # Ray Data sets its loggers up when first imported, after jobs.cluster quietened them: again here.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Its "Progress bars disabled. To enable, set DataContext..." advice is for library users; ours say --progress.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def execute(
