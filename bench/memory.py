@@ -52,8 +52,8 @@ def _psutil() -> Any:
 class PeakSampler(threading.Thread):
     """Samples the RSS and CPU time of process `root` and its descendants every `interval` s until `stop()`.
 
-    `peaks`: pid -> {"kind", "title", "peak_rss", "cpu_s"}; `sum_peaks`: kind (and "all") -> the largest sum
-    of the RSS of that kind's processes seen in one sample. `cpu_s` is the process's user + system time
+    `peaks`: pid -> {"kind", "title", "peak_rss", "cpu_start", "cpu_s"}; `sum_peaks`: kind (and "all") -> the
+    largest sum of the RSS of that kind's processes seen in one sample. `cpu_s` is the process's user + system time
     between the first sample that saw it (the sampler's start, for processes already running then, such
     as the driver) and its last sample (a process that exits loses at most one interval).
     """
@@ -65,7 +65,6 @@ class PeakSampler(threading.Thread):
         self.peaks: dict[int, dict[str, Any]] = {}
         self.sum_peaks: dict[str, int] = {kind: 0 for kind in (*KINDS, "all")}
         self.samples = 0
-        self.cpu_start: dict[int, float] = {}
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -96,12 +95,12 @@ class PeakSampler(threading.Thread):
                 continue
             kind = "driver" if process.pid == self.root else _kind(title)
             cpu = times.user + times.system
-            if process.pid not in self.peaks:  # already running at the first sample: count from now on
-                self.cpu_start[process.pid] = cpu if self.samples == 0 else 0.0
-            entry = self.peaks.setdefault(process.pid, {"kind": kind, "title": "", "peak_rss": 0, "cpu_s": 0.0})
+            # a process already running at the first sample (the driver) is counted from then on
+            first = {"kind": kind, "title": "", "peak_rss": 0, "cpu_start": cpu if self.samples == 0 else 0.0}
+            entry = self.peaks.setdefault(process.pid, first)
             if rss >= entry["peak_rss"]:
                 entry["peak_rss"] = rss
-            entry["cpu_s"] = cpu - self.cpu_start[process.pid]
+            entry["cpu_s"] = cpu - entry["cpu_start"]
             if not title.startswith("ray::IDLE") or not entry["title"]:  # what it did, not that it idled after
                 entry["title"] = title[:100]
             sums[kind] += rss

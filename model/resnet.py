@@ -41,8 +41,9 @@ class ConvNorm(nn.Sequential):
     In fp32 inference (no gradients, no autocast) with the norm using its running statistics
     (frozen, or BatchNorm in eval mode), the norm is an affine map per channel and folds into the
     convolution: weight × scale and a bias. That removes one full pass over every activation map
-    (two for the frozen norm's multiply and add). The folded pair is cached and recomputed when any
-    source tensor changes (a load, an optimiser step, a move to another device or dtype). Not under
+    (two for the frozen norm's multiply and add). The folded pair is cached (a second copy of the
+    backbone's convolution weights) and recomputed when any source tensor changes (a load, an
+    optimiser step, a move to another device or dtype). Not under
     autocast: there the folded model's bf16 errors, though smaller per layer, came out twice the
     unfolded model's in the logits (tests/test_precision.py), for reasons not pinned down.
     """
