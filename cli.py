@@ -70,11 +70,29 @@ def segment(
     overwrite: Annotated[bool, typer.Option(help="Redo images that already have an ok row.")] = False,
     preview: Annotated[int, typer.Option(min=0, help="Write this many overlay PNGs under OUTPUT/_previews/.")] = 0,
     progress: Annotated[
-        bool | None, typer.Option("--progress/--no-progress", help="Ray Data's progress bars; default: on a terminal.")
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A live progress bar; default: on a terminal (elsewhere a progress line every 30 s).",
+        ),
     ] = None,
+    flush_seconds: Annotated[
+        float, typer.Option(min=0.001, help="Commit a part file once its oldest row has waited this long.")
+    ] = 30.0,
+    grace_seconds: Annotated[
+        float, typer.Option(min=0.0, help="On SIGTERM/SIGINT: time to commit finished rows before exiting.")
+    ] = 20.0,
+    stall_timeout: Annotated[
+        float, typer.Option(min=0.001, help="End the run (exit 3) when no image finishes for this many seconds.")
+    ] = 900.0,
     ray_address: RayAddressOpt = None,
 ) -> None:
-    """Segment every image under INPUT and write one Parquet row per image under OUTPUT."""
+    """Segment every image under INPUT and write one Parquet row per image under OUTPUT.
+
+    Rows are committed while the run goes (every 512 rows or --flush-seconds). Exit codes: 0 done, 1 error
+    rate above --max-error-rate, 2 bad arguments, 3 storage/cluster/model failure or a stall, 130/143
+    cancelled by SIGINT/SIGTERM. After any of them but 2, re-running the same command resumes.
+    """
     from jobs.segment import SegmentConfig, run
 
     config = SegmentConfig(
@@ -97,6 +115,9 @@ def segment(
         overwrite=overwrite,
         preview=preview,
         progress=progress,
+        flush_seconds=flush_seconds,
+        grace_seconds=grace_seconds,
+        stall_timeout=stall_timeout,
         ray_address=ray_address,
     )
     raise typer.Exit(run(config))

@@ -241,7 +241,7 @@ def bare_loop(
     and the total segment count.
     """
     import model as m2f
-    from jobs.segment import ACTOR_BATCHES
+    from jobs.dataflow import ACTOR_BATCHES
     from model.postprocess import postprocess
     from model.preprocess import group_by_padded_size, resize_image, to_batch
     from pipeline.decode import decode_image

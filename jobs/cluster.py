@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jobs.lifecycle import Stop
 
 # Ray Train's placement-group cleaner polls the State API, which needs the dashboard (ray[default]);
 # without it, it warns every second for the whole run. Progress is ours to report.
@@ -48,3 +54,21 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
     return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, stop: Stop | None = None) -> Iterator[None]:
+    """Ray for the length of the block: joined (`address`), reused (already initialised in this process),
+    or started locally. Only a Ray started or joined here is shut down here (which ends this job's tasks
+    and actors on a cluster, and every Ray process of a local Ray)."""
+    import ray
+
+    started = True
+    try:
+        started = connect(address)
+        if stop is not None:
+            stop.install()  # ray.init() put its own SIGTERM handler in place of ours
+        yield
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()

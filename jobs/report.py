@@ -141,3 +141,53 @@ def summary_table(counts: RunCounts, *, skipped_files: int, processing_s: float,
         lines.append("  errors by reason:")
         lines += [f"    {n:>6}  {reason}" for reason, n in counts.error_reasons.most_common()]
     return "\n".join(lines)
+
+
+def ray_data_stats(ds: Any, started: float | None = None) -> dict[str, Any]:
+    """Where an executed dataset spent its time, for the run report: the text `ds.stats()` prints, and per
+    operator in pipeline order its blocks, rows out, wall-clock span (first task start to last task end) and
+    summed task times, in seconds.
+
+    `start_s`/`end_s` place each operator's first task start and last task end in time, in seconds after
+    `started` (a `time.perf_counter()` reading of this process; Ray's task clocks are the same monotonic clock
+    on one machine, so on a cluster they are only comparable among tasks of the driver's node), or after the
+    first task's start without it. Built on Ray's developer API (`get_stats_summary`): whatever a Ray version
+    no longer offers is left out, and no failure here fails a run.
+    """
+    try:
+        summary = ds.get_stats_summary()
+        out: dict[str, Any] = {"text": summary.to_string()}
+        found, stack = [], [summary]
+        while stack:  # the last operator first, then its parents
+            node = stack.pop()
+            found.extend(reversed(node.operators_stats))
+            stack.extend(node.parents)
+        ops = found[::-1]
+        starts = [op.earliest_start_time for op in ops if op.earliest_start_time is not None]
+        origin = started if started is not None else min(starts, default=None)
+        out["operators"] = [_operator_stats(op, origin) for op in ops]
+        return out
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _operator_stats(op: Any, origin: float | None) -> dict[str, Any]:
+    def total(name: str) -> float | None:
+        stat = getattr(op, name, None)
+        return round(float(stat.sum), 4) if stat is not None else None
+
+    def offset(t: float | None) -> float | None:
+        return round(t - origin, 4) if t is not None and origin is not None else None
+
+    rows, wall = getattr(op, "output_num_rows", None), getattr(op, "wall_time", None)
+    return {
+        "name": op.operator_name,
+        "blocks": int(wall.count) if wall is not None else None,
+        "rows_out": int(rows.sum) if rows is not None else None,
+        "start_s": offset(getattr(op, "earliest_start_time", None)),
+        "end_s": offset(getattr(op, "latest_end_time", None)),
+        "span_s": round(float(op.time_total_s), 4),
+        "task_wall_s": total("wall_time"),
+        "task_cpu_s": total("cpu_time"),
+        "udf_s": total("function_body_time"),  # inside the stage functions, ours and Ray Data's
+    }

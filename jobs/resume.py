@@ -4,12 +4,19 @@ Image ids are compared as uint64 (the 16 hex digits of `schema.image_id`) in sor
 the driver holds 8 bytes per image, not a Python set of strings: tens of millions of images fit.
 The listing is streamed into work-manifest Parquet files of at most WORK_CHUNK URIs, which the Ray
 Data pipeline reads back; the driver never holds more than one chunk of URIs.
+
+Nothing is deleted before its replacement is committed. A run removes an image's earlier rows only after
+it has committed the image's new row (`supersede`, at the end of the run), so while a run goes a reader
+may see two rows for an image, told apart by `run_id`; the run's end leaves one. An `--overwrite` run that
+was interrupted is resumed, not restarted, by the next `--overwrite` run with the same model and task: its
+ok rows count as done (`interrupted_overwrites`), and the earlier rows of those images go at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import posixpath
 import re
@@ -24,7 +31,7 @@ from fsspec import AbstractFileSystem
 from pipeline.preview import PREVIEWS_DIR
 from pipeline.schema import STATUS_ERROR, STATUS_OK
 from pipeline.sources import Listing
-from pipeline.storage import is_temporary, open_fs, remove_temporaries, storage_options, write_atomic
+from pipeline.storage import is_temporary, open_fs, remove_temporaries, storage_options, with_retries, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,7 @@ class Existing:
     ok_keys: np.ndarray  # (N,) uint64, sorted unique: images with an ok row
     parts: list[str]  # readable part files
     with_errors: list[str]  # the part files holding at least one error row
+    resumed_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # ok in `resumed` runs
     other_model_rows: int = 0  # ok rows made with another model or task
     duplicate_ok_rows: int = 0  # ok rows of an image that has another ok row (none unless files were copied in)
     quarantined: list[str] = field(default_factory=list)
@@ -95,8 +103,13 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def scan_output(fs: AbstractFileSystem, root: str, *, model: str, task: str) -> Existing:
+def scan_output(
+    fs: AbstractFileSystem, root: str, *, model: str, task: str, resumed: frozenset[str] = frozenset()
+) -> Existing:
     """Read `image_id`/`status` of every part file under `root`; clean up after killed runs.
+
+    `resumed`: run ids of interrupted overwrite runs this run continues; their ok rows' images are
+    collected in `resumed_keys`.
 
     Temporaries (hidden, with the temporary marker) are removed; a part file that cannot be read as our
     schema is moved to `_quarantine/` so that neither this run nor a reader of the dataset trips on it.
@@ -111,19 +124,22 @@ def scan_output(fs: AbstractFileSystem, root: str, *, model: str, task: str) -> 
         if fs.isdir(folder):
             temporaries += [p for p in fs.ls(folder, detail=False) if is_temporary(p)]
     existing = Existing(np.empty(0, np.uint64), [], [], temporaries_removed=remove_temporaries(fs, temporaries))
-    ok_chunks = []
+    ok_chunks, resumed_chunks = [], []
     parts = sorted(
         e["name"] for e in entries if e["type"] == "file" and PART_PATTERN.match(posixpath.basename(e["name"]))
     )
     for path in parts:
         try:
-            table = _read_columns(fs, path, ["image_id", "status", "task", "model"])
+            table = _read_columns(fs, path, ["image_id", "status", "task", "model", "run_id"])
             keys = ids_to_keys(table["image_id"])
         except Exception as e:
             existing.quarantined.append(_quarantine(fs, root, path, e))
             continue
         ok = pc.equal(table["status"], STATUS_OK).to_numpy(zero_copy_only=False)
         ok_chunks.append(keys[ok])
+        if resumed:
+            mine = pc.is_in(table["run_id"], pa.array(sorted(resumed), pa.string())).to_numpy(zero_copy_only=False)
+            resumed_chunks.append(keys[ok & mine])
         same = pc.and_(pc.equal(table["task"], task), pc.equal(table["model"], model)).to_numpy(zero_copy_only=False)
         existing.other_model_rows += int((ok & ~same).sum())
         existing.parts.append(path)
@@ -133,6 +149,8 @@ def scan_output(fs: AbstractFileSystem, root: str, *, model: str, task: str) -> 
         all_ok = np.concatenate(ok_chunks)
         existing.ok_keys = np.unique(all_ok)
         existing.duplicate_ok_rows = len(all_ok) - len(existing.ok_keys)
+    if resumed_chunks:
+        existing.resumed_keys = np.unique(np.concatenate(resumed_chunks))
     return existing
 
 
@@ -165,6 +183,61 @@ def drop_rows(fs: AbstractFileSystem, paths: list[str], pending: np.ndarray, ok_
     return removed
 
 
+def supersede(
+    fs: AbstractFileSystem, paths: list[str], new_keys: np.ndarray, keep_runs: frozenset[str] = frozenset()
+) -> int:
+    """Remove from `paths` (files written before this run) every row of an image in `new_keys` (sorted
+    uint64: images whose new row is committed), except the ok rows of `keep_runs`. Each file is rewritten
+    atomically, or deleted once empty. Returns the number of rows removed."""
+    removed = 0
+    if not len(new_keys):
+        return 0
+    for path in paths:
+        if not fs.exists(path):
+            continue
+        table = _read_columns(fs, path, ["image_id", "status", "run_id"])
+        drop = isin_sorted(ids_to_keys(table["image_id"]), new_keys)
+        if keep_runs:
+            kept_run = pc.is_in(table["run_id"], pa.array(sorted(keep_runs), pa.string()))
+            keep = pc.and_(kept_run, pc.equal(table["status"], STATUS_OK)).to_numpy(zero_copy_only=False)
+            drop &= ~keep
+        if not drop.any():
+            continue
+        removed += int(drop.sum())
+        if drop.all():
+            fs.rm(path)
+        else:
+            kept = _read_columns(fs, path).filter(pa.array(~drop))
+            write_atomic(fs, path, parquet_bytes(kept))
+    return removed
+
+
+INTERRUPTED = frozenset({"running", "cancelled", "failed", "stalled"})
+
+
+def interrupted_overwrites(fs: AbstractFileSystem, root: str, *, model: str, task: str) -> frozenset[str]:
+    """Run ids of the `--overwrite` runs with this model and task that did not complete, newest first
+    back to the newest overwrite run that completed or used another model: what a new `--overwrite`
+    run with the same model continues instead of starting over."""
+    folder = posixpath.join(root, RUNS_DIR)
+    if not fs.isdir(folder):
+        return frozenset()
+    reports = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json") and not is_temporary(p))
+    chain = []
+    for path in reversed(reports):
+        try:
+            report = json.loads(fs.cat_file(path))
+        except (FileNotFoundError, ValueError):  # removed meanwhile, or not a report: other errors are raised
+            continue
+        if not report.get("config", {}).get("overwrite"):
+            continue
+        same = report.get("model", {}).get("label") == model and report.get("model", {}).get("task") == task
+        if not same or report.get("status") not in INTERRUPTED:
+            break
+        chain.append(report["run_id"])
+    return frozenset(chain)
+
+
 # --- the work manifest ----------------------------------------------------------------------------
 
 
@@ -177,12 +250,11 @@ class WorkPlan:
     already_done: int = 0
 
 
-def plan_work(
-    listing: Listing, ok_keys: np.ndarray, *, overwrite: bool, fs: AbstractFileSystem, folder: str
-) -> WorkPlan:
-    """Stream the listing into work-manifest files of at most WORK_CHUNK URIs, leaving out images that
-    already have an ok row (unless `overwrite`) and URIs listed before. The driver holds one chunk of
-    URIs and 8 bytes per listed image."""
+def plan_work(listing: Listing, done_keys: np.ndarray, *, fs: AbstractFileSystem, folder: str) -> WorkPlan:
+    """Stream the listing into work-manifest files of at most WORK_CHUNK URIs, leaving out images that are
+    done (`done_keys`, sorted uint64: an ok row, or under --overwrite an ok row of an interrupted overwrite
+    run this one continues) and URIs listed before. The driver holds one chunk of URIs and 8 bytes per
+    listed image."""
     seen = np.empty(0, np.uint64)  # sorted keys of every URI listed so far
     plan = WorkPlan(files=[], pending=np.empty(0, np.uint64))
     pending_chunks = []
@@ -195,10 +267,9 @@ def plan_work(
         plan.duplicates += int(len(chunk) - keep.sum())
         fresh = np.sort(keys[keep])
         seen = np.insert(seen, np.searchsorted(seen, fresh), fresh)
-        if not overwrite:
-            done = keep & isin_sorted(keys, ok_keys)
-            plan.already_done += int(done.sum())
-            keep &= ~done
+        done = keep & isin_sorted(keys, done_keys)
+        plan.already_done += int(done.sum())
+        keep &= ~done
         if keep.any():
             uris = [u for u, k in zip(chunk, keep.tolist(), strict=True) if k]
             path = posixpath.join(folder, f"work-{len(plan.files):06d}.parquet")
@@ -215,5 +286,6 @@ def read_work_files(
 ) -> pa.Table:
     """The URIs of the work-manifest files named in `batch` (paths on OUTPUT's filesystem)."""
     fs, _ = open_fs(output, storage_options(output, endpoint_url, storage_options_json))
-    tables = [_read_columns(fs, path, ["image_uri"]) for path in batch["path"].to_pylist()]
+    paths = batch["path"].to_pylist()
+    tables = [with_retries(lambda path=path: _read_columns(fs, path, ["image_uri"])) for path in paths]
     return pa.concat_tables(tables) if tables else pa.table({"image_uri": pa.array([], pa.string())})

@@ -1,80 +1,93 @@
-"""`m2f segment`: list INPUT, skip what OUTPUT already holds, stream the rest through Ray Data, report.
+"""`m2f segment`: list INPUT, skip what OUTPUT already holds, stream the rest through Ray Data, commit
+results as they come, report.
 
-The Ray Data pipeline, one row per listed image all the way:
+The pipeline, one row per listed image all the way:
 
     work manifest (Parquet, URIs)  --read_work_files, small blocks-->
     prepare_images (CPU tasks: read, decode, resize)  -->
-    Segmenter (actor pool: the model, post-processing, RLE)  --streaming repartition to ROWS_PER_FILE-->
-    write_part (CPU tasks: one Parquet part file per block)  --small summaries--> driver
+    Segmenter (actor pool: the model, post-processing, RLE)  --blocks of rows-->
+    the driver: PartWriter (jobs.commit) commits a part file every ROWS_PER_FILE rows or --flush-seconds
+
+Why the rows come to the driver: the earlier shape repartitioned the actors' output to ROWS_PER_FILE rows
+per block before a write stage, and that repartition was a barrier (the first part file landed after the
+last model task), so a kill lost the whole run. A commit by size *or age* needs one owner of the buffer
+with a clock, and on SIGTERM the driver is the process that is told; jobs/commit.py says more.
+
+Ray Data's id-based checkpointing (`ray.data.checkpoint.CheckpointConfig`) was weighed and not used: it
+records ids written by a Datasink (a file per block, no size or age rule), keeps its own checkpoint files
+beside the data (a second truth that can drift from the dataset: delete a part file and it still believes
+the images done), reads them through pyarrow filesystems rather than the fsspec options our users pass,
+reserves filter actors of 1 GiB each, and knows ids only — not that an error row is to be retried, or that
+an ok row came from another model. Our ledger (jobs.resume) is the dataset itself.
 
 Layout of OUTPUT:
-    part-<run_id>-<digest>.parquet the dataset (OUTPUT_SCHEMA), each file written atomically
-    _runs/<run_id>.json            the run report
-    _runs/<run_id>-work/           the run's work manifest, removed when the run ends
-    _previews/<image_id>.png       overlays (--preview N)
-    _quarantine/                   unreadable part files found on resume, moved out of the dataset
+    part-<run_id>-<sequence>.parquet  the dataset (OUTPUT_SCHEMA), each file written atomically
+    _runs/<run_id>.json               the run report: "running" from the start, then how it ended
+    _runs/<run_id>.log                the run's log: warnings, and failures with their tracebacks
+    _runs/<run_id>-work/              the run's work manifest, removed when the run ends
+    _previews/<image_id>.png          overlays (--preview N)
+    _quarantine/                      unreadable part files found on resume, moved out of the dataset
 
-Exactly once (the ledger is `jobs.resume`): a part file appears whole or not at all (hidden
-temporary + rename locally, one PUT on object stores). Before processing, the run reads `image_id` and
-`status` of the existing part files: images with an ok row are skipped (unless --overwrite), and every
-row of an image about to be processed is removed from its file (an atomic rewrite), so that after the
-run each listed image has one row. A run killed at any moment leaves whole part files and at most
-hidden temporaries, which the next run removes.
-One run per OUTPUT at a time.
+How a run ends (the exit code, the report's "status"): 0 or 1 "completed" (error rate within
+--max-error-rate or not); 2, bad arguments, nothing written; 3 "failed" (storage, Ray, the model) or
+"stalled" (nothing finished for --stall-timeout seconds); 130 / 143 "cancelled" (SIGINT / SIGTERM). Every
+ending but 2 keeps what was committed, and a re-run of the same command resumes. One run per OUTPUT at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import posixpath
 import secrets
-import sys
+import signal
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import numpy as np
 import typer
 from fsspec import AbstractFileSystem
 
-from jobs.report import RunCounts, build_report, error_category, summary_table
+from jobs.cluster import ray_session
+from jobs.commit import FLUSH_SECONDS, Commit, PartWriter
+from jobs.dataflow import build_dataset, capacity_warnings, explain_stall, resolve_device, stream_results
+from jobs.lifecycle import GRACE_SECONDS, STALL_TIMEOUT, Cancelled, RunLog, Stop, handling_signals
+from jobs.progress import Progress
+from jobs.report import RunCounts, build_report, ray_data_stats, summary_table
 from jobs.resume import (
     RUNS_DIR,
-    WorkPlan,
+    Existing,
     drop_rows,
-    parquet_bytes,
+    interrupted_overwrites,
     plan_work,
-    read_work_files,
     scan_output,
+    supersede,
 )
-from model.config import TASKS, PreprocessConfig
-from pipeline.infer import PRECISIONS, Segmenter, model_label, prepare_images, scrub, secret_values
+from model.config import TASKS
+from pipeline.infer import PRECISIONS, model_label, scrub, secret_values
 from pipeline.preview import PREVIEWS_DIR
-from pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 from pipeline.sources import list_inputs
 from pipeline.storage import (
+    StorageError,
     open_fs,
     qualify,
     redact,
+    storage_failure,
     storage_options,
+    with_retries,
     write_atomic,
 )
 
 DEVICES = ("auto", "cpu", "cuda")
 
-PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
-ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
 # Rows per output part file. Larger files suit analysts, smaller ones lose less work to a kill.
 ROWS_PER_FILE = int(os.environ.get("M2F_ROWS_PER_FILE", "512"))
-PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
+PROGRESS_SECONDS = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a progress line in logs this often
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +114,10 @@ class SegmentConfig:
     max_error_rate: float = 0.0
     overwrite: bool = False
     preview: int = 0
-    progress: bool | None = None  # None: when stderr is a terminal (scheduled jobs' logs get none)
+    progress: bool | None = None  # None: a bar on a terminal, periodic lines in logs
+    flush_seconds: float = FLUSH_SECONDS
+    grace_seconds: float = GRACE_SECONDS
+    stall_timeout: float = STALL_TIMEOUT
     ray_address: str | None = None
 
     def validate(self) -> None:
@@ -117,9 +133,12 @@ class SegmentConfig:
         for name in ("actors", "batch_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("gpus_per_actor", "cpus_per_actor", "preview"):
+        for name in ("gpus_per_actor", "cpus_per_actor", "preview", "grace_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("flush_seconds", "stall_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"--max-error-rate must lie in [0, 1], got {self.max_error_rate}")
         if self.storage_options_json:  # checked even when every path is local and would never parse it
@@ -141,416 +160,404 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-# --- the write stage ------------------------------------------------------------------------------
-
-SUMMARY_SCHEMA = pa.schema(
-    [
-        pa.field("file", pa.string()),
-        pa.field("ok", pa.int64()),
-        pa.field("error", pa.int64()),
-        pa.field("inference_ms", pa.float64()),
-        pa.field("error_reasons", pa.string()),  # JSON {category: count}
-    ]
-)
-
-
-def write_part(
-    table: pa.Table,
-    *,
-    output: str,
-    run_id: str,
-    endpoint_url: str | None = None,
-    storage_options_json: str | None = None,
-) -> pa.Table:
-    """Write `table` (OUTPUT_SCHEMA rows) as one part file under `output`; return a one-row summary.
-
-    The name derives from the run and the rows' image ids, so a task that Ray retries after its file was
-    written (a worker lost before it returned) rewrites the same file instead of adding a duplicate.
-    """
-    table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-    status = table["status"]
-    ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
-    reasons = Counter(error_category(r) for r in table["error"].to_pylist() if r is not None)
-    inference_ms = pc.sum(pc.if_else(pc.equal(status, STATUS_OK), table["inference_ms"], 0.0)).as_py() or 0.0
-    name = ""
-    if table.num_rows:
-        fs, root = open_fs(output, storage_options(output, endpoint_url, storage_options_json))
-        digest = hashlib.sha256("\n".join(table["image_id"].to_pylist()).encode("ascii")).hexdigest()[:16]
-        name = f"part-{run_id}-{digest}.parquet"
-        write_atomic(fs, posixpath.join(root, name), parquet_bytes(table))
-    summary = {
-        "file": [name],
-        "ok": [ok],
-        "error": [table.num_rows - ok],
-        "inference_ms": [float(inference_ms)],
-        "error_reasons": [json.dumps(dict(reasons))],
-    }
-    return pa.table(summary, schema=SUMMARY_SCHEMA)
-
-
-# --- Ray ------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
-    """Ray for the length of the block: joined (`address`), reused (already initialised in this process),
-    or started locally. Only a Ray started here is shut down here."""
-    import ray
-
-    from jobs.cluster import connect
-
-    started = connect(address)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def resolve_device(requested: str, cluster_gpus: float, gpus_per_actor: float, precision: str = "fp32") -> str:
-    """auto -> cuda when the Ray cluster has GPUs (and actors may take one), else cpu. Raises ValueError for
-    cuda without a GPU, and for fp16 on CPU."""
-    device = requested
-    if requested == "auto":
-        device = "cuda" if cluster_gpus > 0 and gpus_per_actor > 0 else "cpu"
-    elif requested == "cuda":
-        if cluster_gpus <= 0:
-            raise ValueError("--device cuda, but the Ray cluster has no GPU")
-        if gpus_per_actor <= 0:
-            raise ValueError("--device cuda needs --gpus-per-actor > 0")
-    if precision == "fp16" and device != "cuda":
-        raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return device
-
-
-def capacity_warnings(resources: dict[str, float], config: SegmentConfig, device: str) -> list[str]:
-    """What the cluster (as it is now; an autoscaler may add more) cannot give the actor pool."""
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    out = []
-    if config.actors * config.cpus_per_actor > cpus - 1:
-        out.append(
-            f"{config.actors} actors x {config.cpus_per_actor:g} CPUs leave less than one of the cluster's {cpus:g} "
-            "CPUs for reading, decoding and writing: the job may stall (lower --actors or --cpus-per-actor)"
-        )
-    if device == "cuda" and config.actors * config.gpus_per_actor > gpus:
-        out.append(f"{config.actors} actors x {config.gpus_per_actor:g} GPUs exceed the cluster's {gpus:g} GPUs")
-    return out
-
-
-def _quiet_ray_data(progress: bool | None) -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-    ctx.verbose_stats_logs = False
-    # Ray Data sets its loggers up when first imported, after jobs.cluster quietened them: again here.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # Its "Progress bars disabled. To enable, set DataContext..." advice is for library users; ours say --progress.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
-def execute(
-    config: SegmentConfig,
-    plan: WorkPlan,
-    *,
-    fs: AbstractFileSystem,
-    preprocess: PreprocessConfig,
-    task: str,
-    device: str,
-    run_id: str,
-    counts: RunCounts,
-) -> dict[str, Any]:
-    """Run the Ray Data pipeline over the work manifest, folding write summaries into `counts`; returns
-    Ray Data's statistics of the run (`ray_data_stats`)."""
-    import ray.data
-
-    started = time.perf_counter()
-    _quiet_ray_data(config.progress)
-    io_options = {"endpoint_url": config.endpoint_url, "storage_options_json": config.storage_options_json}
-    # The work files are read by a plain task, not read_parquet: in Ray 2.60 that datasource starts 32
-    # footer-reading actors for a handful of tiny files, which cost tens of seconds of every run's start.
-    ds = ray.data.from_items([{"path": p} for p in plan.files])
-    ds = ds.map_batches(
-        read_work_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"output": config.output, **io_options}
-    )
-    # Small blocks spread decoding over every CPU (a work file is one block of up to WORK_CHUNK URIs).
-    ds = ds.repartition(target_num_rows_per_block=PREPARE_ROWS)
-    ds = ds.map_batches(
-        prepare_images,
-        batch_size=PREPARE_ROWS,
-        batch_format="numpy",
-        fn_kwargs={"preprocess": preprocess, "max_pixels": config.max_pixels, **io_options},
-        memory=PREPARE_MEMORY,
-    )
-    gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
-    ds = ds.map_batches(
-        Segmenter,
-        batch_size=config.batch_size * ACTOR_BATCHES,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
-        num_cpus=config.cpus_per_actor,
-        fn_constructor_args=(config.model,),
-        fn_constructor_kwargs={
-            "run_id": run_id,
-            "device": device,
-            "task": task,
-            "precision": config.precision,
-            "batch_size": config.batch_size,
-            "score_threshold": config.score_threshold,
-            "preset": config.preset,
-            "storage_options": storage_options(config.model, config.endpoint_url, config.storage_options_json),
-            "num_threads": max(1, int(config.cpus_per_actor)),
-        },
-        **gpu,
-    )
-    # Coalesce the actors' small outputs into file-sized blocks, streaming (no barrier): one block, one file.
-    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_FILE, strict=True)
-    ds = ds.map_batches(
-        write_part,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"output": config.output, "run_id": run_id, **io_options},
-        num_cpus=0.5,  # mostly waiting on storage
-    )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for summary in batch.to_pylist():
-            counts.add_summary(summary)
-    return ray_data_stats(ds, started)
-
-
-def ray_data_stats(ds: Any, started: float | None = None) -> dict[str, Any]:
-    """Where an executed dataset spent its time, for the run report: the text `ds.stats()` prints, and per
-    operator in pipeline order its blocks, rows out, wall-clock span (first task start to last task end) and
-    summed task times, in seconds.
-
-    `start_s`/`end_s` place each operator's first task start and last task end in time, in seconds after
-    `started` (a `time.perf_counter()` reading of this process; Ray's task clocks are the same monotonic clock
-    on one machine, so on a cluster they are only comparable among tasks of the driver's node), or after the
-    first task's start without it. Built on Ray's developer API (`get_stats_summary`): whatever a Ray version
-    no longer offers is left out, and no failure here fails a run.
-    """
-    try:
-        summary = ds.get_stats_summary()
-        out: dict[str, Any] = {"text": summary.to_string()}
-        found, stack = [], [summary]
-        while stack:  # the last operator first, then its parents
-            node = stack.pop()
-            found.extend(reversed(node.operators_stats))
-            stack.extend(node.parents)
-        ops = found[::-1]
-        starts = [op.earliest_start_time for op in ops if op.earliest_start_time is not None]
-        origin = started if started is not None else min(starts, default=None)
-        out["operators"] = [_operator_stats(op, origin) for op in ops]
-        return out
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-
-
-def _operator_stats(op: Any, origin: float | None) -> dict[str, Any]:
-    def total(name: str) -> float | None:
-        stat = getattr(op, name, None)
-        return round(float(stat.sum), 4) if stat is not None else None
-
-    def offset(t: float | None) -> float | None:
-        return round(t - origin, 4) if t is not None and origin is not None else None
-
-    rows, wall = getattr(op, "output_num_rows", None), getattr(op, "wall_time", None)
-    return {
-        "name": op.operator_name,
-        "blocks": int(wall.count) if wall is not None else None,
-        "rows_out": int(rows.sum) if rows is not None else None,
-        "start_s": offset(getattr(op, "earliest_start_time", None)),
-        "end_s": offset(getattr(op, "latest_end_time", None)),
-        "span_s": round(float(op.time_total_s), 4),
-        "task_wall_s": total("wall_time"),
-        "task_cpu_s": total("cpu_time"),
-        "udf_s": total("function_body_time"),  # inside the stage functions, ours and Ray Data's
-    }
-
-
 # --- the job --------------------------------------------------------------------------------------
 
 
+class Failure(Exception):
+    """The run cannot go on; the message is the one line the user sees."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run(config: SegmentConfig) -> int:
-    """Run the job; returns the exit code: 0 when the error rate stays within --max-error-rate, 1 above it,
-    2 for bad arguments (nothing done), 3 when the job itself failed (Ray, storage; a re-run resumes)."""
-    started = datetime.now(UTC)
-    run_id = new_run_id()
-    known_secrets = secret_values(_parsed_options(config.storage_options_json))
-    warnings: list[str] = []
+    """Run the job; returns the exit code (see the module docstring)."""
+    stop = Stop(config.grace_seconds)
+    with handling_signals(stop):
+        return SegmentRun(config, stop).run()
 
-    def say(message: str, *, err: bool = False) -> None:
-        typer.echo(scrub(message, known_secrets), err=err)
 
-    def warn(message: str) -> None:
-        warnings.append(scrub(message, known_secrets))
-        say(f"warning: {message}", err=True)
+class SegmentRun:
+    """One run of `m2f segment`, from arguments to the run report."""
 
-    try:
-        config.validate()
-        options = {
-            name: storage_options(uri, config.endpoint_url, config.storage_options_json)
-            for name, uri in (("input", config.input), ("output", config.output), ("model", config.model))
-        }
-        listing = list_inputs(config.input, options["input"])
-        fs, root = open_fs(config.output, options["output"])
-        if fs.isfile(root):
-            raise ValueError(f"OUTPUT {config.output!r} is a file; give a folder or prefix")
-        clock = time.perf_counter()
-        probe = _probe_model(config, options["model"])
-        probe_s = time.perf_counter() - clock
-    except (ValueError, FileNotFoundError) as e:
-        say(f"error: {e}", err=True)
-        return 2
-    task = config.task or probe["task"]
-    output = qualify(fs, root)
+    def __init__(self, config: SegmentConfig, stop: Stop) -> None:
+        self.config, self.stop = config, stop
+        self.started = datetime.now(UTC)
+        self.run_id = new_run_id()
+        self.secrets = secret_values(_parsed_options(config.storage_options_json))
+        self.warnings: list[str] = []
+        self.counts = RunCounts()
+        self.timings: dict[str, float] = {}  # seconds per phase
+        self.committed: list[np.ndarray] = []  # (N,) uint64 keys of each committed part file
+        self.fs: Any = None
+        self.root = ""
+        self.probe: dict[str, Any] = {}
+        self.task = config.task or ""
+        self.listing: Any = None
+        self.existing: Existing | None = None
+        self.resumed: frozenset[str] = frozenset()
+        self.processing_s = 0.0
+        self.stats: dict[str, Any] | None = None
+        self.log = RunLog(self.run_id)
 
-    clock = time.perf_counter()
-    existing = scan_output(fs, root, model=probe["label"], task=task)
-    scan_s = time.perf_counter() - clock
-    if existing.temporaries_removed:
-        say(f"removed {existing.temporaries_removed} temporary file(s) left by an interrupted run")
-    for path in existing.quarantined:
-        warn(f"unreadable part file moved to {path}")
-    if existing.other_model_rows and not config.overwrite:
-        warn(
-            f"{existing.other_model_rows} existing ok rows were made with another model or task; they are kept "
-            "(use --overwrite to redo them, or another OUTPUT)"
+    def say(self, message: str, *, err: bool = False) -> None:
+        typer.echo(scrub(message, self.secrets), err=err)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(scrub(message, self.secrets))
+        log.warning("%s", scrub(message, self.secrets))
+        self.say(f"warning: {message}", err=True)
+
+    def run(self) -> int:
+        status, failure = "completed", None
+        try:
+            self._arguments()
+            self._plan()
+            self._process()
+            if self.stop.requested:
+                status = self.stop.status or "cancelled"
+        except Cancelled:
+            status = "cancelled"
+        except Failure as e:
+            failure = e
+            if e.exit_code == 2:
+                self.say(f"error: {e}", err=True)
+                self.log.close()
+                return 2
+            status = "failed"
+        except Exception as e:  # a bug or an unexpected Ray error: still one line, a report, and exit 3
+            log.exception("the run failed")
+            failure = Failure(f"the job failed: {_one_line(e)}", 3)
+            status = "failed"
+        return self._finish(status, failure)
+
+    # --- phases -----------------------------------------------------------------------------------
+
+    def _arguments(self) -> None:
+        """Everything checkable before Ray starts: options, INPUT, OUTPUT, the model. Exit 2 on a mistake."""
+        config = self.config
+        try:
+            config.validate()
+            self.options = {
+                name: storage_options(uri, config.endpoint_url, config.storage_options_json)
+                for name, uri in (("input", config.input), ("output", config.output), ("model", config.model))
+            }
+        except ValueError as e:
+            raise Failure(str(e), 2) from None
+        self.listing = self._storage(
+            "list", config.input, lambda: list_inputs(config.input, self.options["input"]), retry=False
         )
-    if existing.duplicate_ok_rows:
-        warn(f"{existing.duplicate_ok_rows} images have more than one ok row in {output}")
-
-    work_dir = posixpath.join(root, RUNS_DIR, f"{run_id}-work")
-    counts = RunCounts()
-    processing_s = 0.0
-    failure: str | None = None
-    timings: dict[str, float] = {"model_probe": probe_s, "scan_output": scan_s}  # seconds per phase
-    stats: dict[str, Any] | None = None
-    try:
-        _remove_stale_work(fs, root)
+        self.fs, self.root = self._storage(
+            "open", config.output, lambda: open_fs(config.output, self.options["output"])
+        )
+        if self._storage("read", config.output, lambda: self.fs.isfile(self.root)):
+            raise Failure(f"OUTPUT {config.output!r} is a file; give a folder or prefix", 2)
         clock = time.perf_counter()
         try:
-            plan = plan_work(listing, existing.ok_keys, overwrite=config.overwrite, fs=fs, folder=work_dir)
-        except (ValueError, FileNotFoundError) as e:  # a manifest without a uri column, a vanished folder
-            say(f"error: {e}", err=True)
-            return 2
-        timings["list_and_plan"] = time.perf_counter() - clock
+            self.probe = _probe_model(config, self.options["model"])
+        except (ValueError, FileNotFoundError) as e:
+            raise Failure(str(e), 2) from None
+        self.timings["model_probe"] = time.perf_counter() - clock
+        self.task = config.task or self.probe["task"]
+
+    def _plan(self) -> None:
+        """Read what OUTPUT holds, tidy it, and write this run's work manifest and 'running' report."""
+        config, fs, root = self.config, self.fs, self.root
+        clock = time.perf_counter()
+        label = self.probe["label"]
+        if config.overwrite:
+            self.resumed = self._storage(
+                "read", config.output, lambda: interrupted_overwrites(fs, root, model=label, task=self.task)
+            )
+        existing = self.existing = self._storage(
+            "read", config.output, lambda: scan_output(fs, root, model=label, task=self.task, resumed=self.resumed)
+        )
+        self.timings["scan_output"] = time.perf_counter() - clock
+        if existing.temporaries_removed:
+            self.say(f"removed {existing.temporaries_removed} temporary file(s) left by an interrupted run")
+        for path in existing.quarantined:
+            self.warn(f"unreadable part file moved to {path}")
+        if existing.other_model_rows and not config.overwrite:
+            self.warn(
+                f"{existing.other_model_rows} existing ok rows were made with another model or task; they are kept "
+                "(use --overwrite to redo them, or another OUTPUT)"
+            )
+        if existing.duplicate_ok_rows:
+            self.warn(f"{existing.duplicate_ok_rows} images have more than one ok row in {self.output}")
+        # Error rows of images that have an ok row are superseded already: safe to remove now.
+        self._storage(
+            "write to",
+            config.output,
+            lambda: drop_rows(fs, existing.with_errors, np.empty(0, np.uint64), existing.ok_keys),
+        )
+        self._storage("write to", config.output, lambda: _remove_stale_work(fs, root))
+        if self.resumed:
+            self.say(f"resuming {len(self.resumed)} interrupted --overwrite run(s): {', '.join(sorted(self.resumed))}")
+        clock = time.perf_counter()
+        done = existing.resumed_keys if config.overwrite else existing.ok_keys
+        self.plan = self._storage(
+            "list", config.input, lambda: plan_work(self.listing, done, fs=fs, folder=self.work_dir), retry=False
+        )
+        self.timings["list_and_plan"] = time.perf_counter() - clock
+        counts, plan = self.counts, self.plan
         counts.listed, counts.duplicates = plan.listed, plan.duplicates
         counts.already_done, counts.pending = plan.already_done, len(plan.pending)
-        say(
-            f"m2f segment {run_id}: {plan.listed} images listed ({listing.skipped_count} other files skipped), "
-            f"{plan.already_done} already done, {counts.pending} to process with {probe['label']} ({task})"
+        self.say(
+            f"m2f segment {self.run_id}: {plan.listed} images listed ({self.listing.skipped_count} other files "
+            f"skipped), {plan.already_done} already done, {counts.pending} to process with {label} ({self.task})"
         )
-
         if not plan.listed:
-            warn(f"no images found in {config.input} (image extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
-
-        def drop_earlier_rows() -> None:
-            dropped = drop_rows(
-                fs, existing.parts if config.overwrite else existing.with_errors, plan.pending, existing.ok_keys
+            self.warn(
+                f"no images found in {config.input} (image extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
             )
-            if dropped:
-                say(f"removed {dropped} earlier row(s) of images this run redoes")
+        self._storage("write to", config.output, lambda: self._write_report("running"))
 
-        if not counts.pending:
-            drop_earlier_rows()
-        else:
+    def _process(self) -> None:
+        """Start Ray, run the pipeline, commit rows as they come."""
+        if not self.counts.pending:
+            return
+        config = self.config
+        clock = time.perf_counter()
+        self.stop.raise_now = False  # a signal inside ray.init() would leave a half-started Ray behind
+        with ray_session(config.ray_address, self.stop):
+            import ray
+
+            if self.stop.requested:
+                raise Cancelled(self.stop.signum or signal.SIGTERM)
+            self.timings["ray_start"] = time.perf_counter() - clock
+            resources = ray.cluster_resources()
+            try:
+                device = resolve_device(config.device, resources.get("GPU", 0), config.gpus_per_actor, config.precision)
+            except ValueError as e:
+                raise Failure(str(e), 2) from None
+            for message in capacity_warnings(resources, config, device):
+                self.warn(message)
+            ds = build_dataset(
+                config,
+                self.plan,
+                preprocess=self.probe["preprocess"],
+                task=self.task,
+                device=device,
+                run_id=self.run_id,
+            )
+            writer = PartWriter(
+                self.fs,
+                self.root,
+                self.run_id,
+                rows_per_file=ROWS_PER_FILE,
+                flush_seconds=config.flush_seconds,
+                on_commit=self._committed,
+            )
+            progress = Progress(self.counts.pending, bar=config.progress, interval=PROGRESS_SECONDS)
+            start = time.perf_counter()  # from here a signal stops the loop, which commits what it holds
+            try:
+                stream_results(
+                    ds,
+                    writer,
+                    progress,
+                    self.stop,
+                    stall_timeout=config.stall_timeout,
+                    explain=lambda idle: explain_stall(idle, config, device),
+                )
+            except StorageError:
+                raise
+            except Exception as e:
+                log.exception("the pipeline failed")
+                raise Failure(f"the job failed: {_one_line(e)}", 3) from None
+            finally:
+                progress.close()
+                self._close_writer(writer)
+                self.processing_s = self.timings["processing"] = time.perf_counter() - start
+            if not self.stop.requested:
+                self.stats = ray_data_stats(ds, start)
             clock = time.perf_counter()
-            with ray_session(config.ray_address):
-                import ray
+        self.timings["ray_stop"] = time.perf_counter() - clock
 
-                timings["ray_start"] = time.perf_counter() - clock
-                try:
-                    resources = ray.cluster_resources()
-                    device = resolve_device(
-                        config.device, resources.get("GPU", 0), config.gpus_per_actor, config.precision
-                    )
-                except ValueError as e:
-                    say(f"error: {e}", err=True)
-                    return 2
-                for message in capacity_warnings(resources, config, device):
-                    warn(message)
-                drop_earlier_rows()
-                start = time.perf_counter()
-                try:
-                    stats = execute(
-                        config,
-                        plan,
-                        fs=fs,
-                        preprocess=probe["preprocess"],
-                        task=task,
-                        device=device,
-                        run_id=run_id,
-                        counts=counts,
-                    )
-                except Exception as e:  # Ray or storage failed: what was written stays, a re-run resumes
-                    say(f"error: the job failed: {type(e).__name__}: {e}", err=True)
-                    failure = f"the job failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
-                processing_s = timings["processing"] = time.perf_counter() - start
-                clock = time.perf_counter()
-            timings["ray_stop"] = time.perf_counter() - clock
-    finally:
-        with contextlib.suppress(Exception):
-            fs.rm(work_dir, recursive=True)
-    if failure is not None:
-        warnings.append(scrub(failure, known_secrets))
-    elif counts.processed != counts.pending:
-        warn(f"{counts.pending} images were to be processed but {counts.processed} rows came back")
+    def _close_writer(self, writer: PartWriter) -> None:
+        """Commit what the writer holds; after a stop, only within the grace period."""
+        try:
+            while not writer.close(timeout=min(1.0, self.stop.time_left())):
+                if self.stop.time_left() <= 0:
+                    self.warn(f"{writer.buffered} finished rows were not committed within --grace-seconds")
+                    return
+        except Exception as e:
+            log.exception("writing a part file failed")
+            raise storage_failure(e, "write to", self.config.output, secrets=self.secrets) from None
 
-    previews = 0
-    if config.preview and failure is None:
+    def _committed(self, commit: Commit) -> None:
+        """Called by the writer's thread after each part file is in place."""
+        self.counts.add_summary(commit.summary())
+        self.committed.append(commit.keys)
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    def _finish(self, status: str, failure: Failure | None) -> int:
+        """Tidy OUTPUT, write the report and the log, print the summary; returns the exit code."""
+        config, counts = self.config, self.counts
+        if failure is None and status == "completed" and counts.processed != counts.pending:
+            failure = Failure(f"{counts.pending} images were to be processed but {counts.processed} rows came back", 3)
+            status = "failed"
+        if self.fs is not None:
+            with contextlib.suppress(Exception):
+                self.fs.rm(self.work_dir, recursive=True)
+        removed = self._supersede()
+        previews = self._previews() if status == "completed" and failure is None else 0
+        if failure is not None:
+            exit_code = failure.exit_code
+            self.warnings.append(scrub(str(failure), self.secrets))
+        elif status in ("cancelled", "stalled"):
+            exit_code = self.stop.exit_code or 130
+            if status == "stalled":
+                self.warnings.append(scrub(self.stop.stalled or "", self.secrets))
+        else:
+            exit_code = 0 if counts.error_rate <= config.max_error_rate else 1
+        report_uri = self._final_report(status, exit_code, previews)
+
+        if status == "completed" and failure is None:
+            if removed:
+                self.say(f"removed {removed} earlier row(s) of images this run redid")
+            self.say(
+                summary_table(
+                    counts,
+                    skipped_files=self.listing.skipped_count,
+                    processing_s=self.processing_s,
+                    output=self.output,
+                    report=report_uri,
+                )
+            )
+            if previews:
+                self.say(f"  previews: {qualify(self.fs, posixpath.join(self.root, PREVIEWS_DIR))} ({previews} PNGs)")
+            if exit_code == 1:
+                self.say(
+                    f"error rate {counts.error_rate:.4f} ({counts.error} errors, {counts.ok + counts.already_done} ok) "
+                    f"exceeds --max-error-rate {config.max_error_rate}",
+                    err=True,
+                )
+        else:
+            self.say(self._ending_line(status, failure, report_uri), err=True)
+        return exit_code
+
+    def _ending_line(self, status: str, failure: Failure | None, report_uri: str) -> str:
+        """The one line that says how a run that did not complete ended, what it kept, and what next."""
+        kept = f"{self.counts.processed:,} rows committed in {self.counts.files_written} part file(s)"
+        left = max(0, self.counts.pending - self.counts.processed)
+        if status == "cancelled":
+            what = f"cancelled by {self.stop.signal_name() or 'a signal'}"
+        elif status == "stalled":
+            what = f"stopped: {self.stop.stalled}"
+        else:
+            what = f"error: {failure}"
+        where = f"; report: {report_uri}" if report_uri else f"; log: {self.log.path}"
+        return f"m2f segment: {what}; kept {kept}, {left:,} image(s) left; a re-run resumes{where}"
+
+    def _supersede(self) -> int:
+        """Remove the earlier rows of images whose new row this run committed (see jobs.resume)."""
+        if self.existing is None or not (self.committed or len(self.existing.resumed_keys)):
+            return 0
+        keys = np.unique(np.concatenate([*self.committed, self.existing.resumed_keys]))
+        try:
+            return with_retries(lambda: supersede(self.fs, self.existing.parts, keys, self.resumed))
+        except Exception as e:  # the next run finishes the tidying; nothing is lost meanwhile
+            log.exception("removing superseded rows failed")
+            self.warn(f"could not remove earlier rows of redone images yet ({_one_line(e)}); the next run will")
+            return 0
+
+    def _previews(self) -> int:
+        if not self.config.preview:
+            return 0
         from pipeline.preview import write_previews
 
         try:
-            previews = write_previews(
-                fs,
-                root,
-                config.preview,
-                endpoint_url=config.endpoint_url,
-                storage_options_json=config.storage_options_json,
-                max_pixels=config.max_pixels,
+            return write_previews(
+                self.fs,
+                self.root,
+                self.config.preview,
+                endpoint_url=self.config.endpoint_url,
+                storage_options_json=self.config.storage_options_json,
+                max_pixels=self.config.max_pixels,
             )
         except Exception as e:  # previews are a convenience: they never fail a run
-            warn(f"previews failed: {type(e).__name__}: {e}")
+            self.warn(f"previews failed: {type(e).__name__}: {e}")
+            return 0
 
-    exit_code = 3 if failure is not None else 0 if counts.error_rate <= config.max_error_rate else 1
-    report_path = posixpath.join(root, RUNS_DIR, f"{run_id}.json")
-    report = build_report(
-        run_id=run_id,
-        config=config.redacted(),
-        counts=counts,
-        listing=listing.summary(),
-        model={"name": probe["name"], "sha256": probe["sha256"], "label": probe["label"], "task": task},
-        output=output,
-        started=started,
-        finished=datetime.now(UTC),
-        processing_s=processing_s,
-        exit_code=exit_code,
-        max_error_rate=config.max_error_rate,
-        previews=previews,
-        warnings=warnings,
-    )
-    report["timings_s"] = {name: round(seconds, 3) for name, seconds in timings.items()}
-    report["ray_data_stats"] = stats
-    write_atomic(fs, report_path, scrub(json.dumps(report, indent=2, default=str), known_secrets) + "\n")
+    def _final_report(self, status: str, exit_code: int, previews: int) -> str:
+        """Write the report and the log beside it; returns the report's URI ('' when OUTPUT is unreachable)."""
+        if self.fs is None or not self.probe:
+            self.log.close(keep=True)
+            return ""
+        try:
+            self._write_report(status, exit_code=exit_code, previews=previews)
+            log_path = posixpath.join(self.root, RUNS_DIR, f"{self.run_id}.log")
+            write_atomic(self.fs, log_path, scrub(self.log.text(), self.secrets))
+        except Exception:
+            log.exception("writing the run report failed")
+            self.log.close(keep=True)
+            return ""
+        self.log.close()
+        return qualify(self.fs, self.report_path)
 
-    report_uri = qualify(fs, report_path)
-    say(
-        summary_table(
-            counts, skipped_files=listing.skipped_count, processing_s=processing_s, output=output, report=report_uri
+    def _write_report(self, status: str, *, exit_code: int | None = None, previews: int = 0) -> None:
+        config = self.config
+        report = build_report(
+            run_id=self.run_id,
+            config=config.redacted(),
+            counts=self.counts,
+            listing=self.listing.summary(),
+            model={**{k: self.probe[k] for k in ("name", "sha256", "label")}, "task": self.task},
+            output=self.output,
+            started=self.started,
+            finished=datetime.now(UTC),
+            processing_s=self.processing_s,
+            exit_code=exit_code,
+            max_error_rate=config.max_error_rate,
+            previews=previews,
+            warnings=self.warnings,
         )
-    )
-    if previews:
-        say(f"  previews: {qualify(fs, posixpath.join(root, PREVIEWS_DIR))} ({previews} PNGs)")
-    if exit_code == 1:
-        say(
-            f"error rate {counts.error_rate:.4f} ({counts.error} errors, {counts.ok + counts.already_done} ok) "
-            f"exceeds --max-error-rate {config.max_error_rate}",
-            err=True,
-        )
-    return exit_code
+        report["status"] = status
+        report["resumed_runs"] = sorted(self.resumed)
+        report["log"] = qualify(self.fs, posixpath.join(self.root, RUNS_DIR, f"{self.run_id}.log"))
+        report["timings_s"] = {name: round(seconds, 3) for name, seconds in self.timings.items()}
+        report["ray_data_stats"] = self.stats
+        write_atomic(self.fs, self.report_path, scrub(json.dumps(report, indent=2, default=str), self.secrets) + "\n")
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    @property
+    def output(self) -> str:
+        return qualify(self.fs, self.root)
+
+    @property
+    def work_dir(self) -> str:
+        return posixpath.join(self.root, RUNS_DIR, f"{self.run_id}-work")
+
+    @property
+    def report_path(self) -> str:
+        return posixpath.join(self.root, RUNS_DIR, f"{self.run_id}.json")
+
+    def _storage(self, action: str, uri: str, fn: Callable[[], Any], *, retry: bool = True) -> Any:
+        """Run a storage step: a missing INPUT is a bad argument (2); any other failure is one line (3).
+        `retry`: start the step over on a transient error (each step reads, or rewrites whole files); not
+        for the listing, whose every request is retried already (pipeline.sources)."""
+        try:
+            return with_retries(fn) if retry else fn()
+        except (Cancelled, Failure):
+            raise
+        except FileNotFoundError as e:
+            raise Failure(str(e), 2) from None
+        except ValueError as e:  # a manifest without a uri column, a malformed URI
+            raise Failure(str(e), 2) from None
+        except StorageError as e:
+            log.exception("storage failure")
+            raise Failure(str(e), 3) from None
+        except Exception as e:
+            log.exception("storage failure")
+            raise Failure(str(storage_failure(e, action, uri, secrets=self.secrets)), 3) from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _parsed_options(options_json: str | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from model.preprocess import group_by_padded_size, resize_image, to_batch
 from pipeline.decode import DecodeError, decode_image
 from pipeline.encode import encode_segments, image_stats
 from pipeline.schema import STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
-from pipeline.storage import REDACTED, open_fs, protocol_of, redact, storage_options
+from pipeline.storage import REDACTED, open_fs, protocol_of, redact, storage_options, with_retries
 
 # One listed image between the prepare stage and the model. Sentinels instead of nulls (0 sizes,
 # -1 bytes) keep the integer columns integer when Ray hands them over as numpy arrays.
@@ -118,9 +118,11 @@ def prepare_images(
     secrets = secret_values({"options": list(options_by_protocol.values())})
 
     def read(uri: str) -> bytes | str:
+        # Transient failures (5xx, throttling, dropped connections, a body cut short, which s3fs
+        # raises as ClientPayloadError, never as short data) are retried; a missing file is not.
         try:
             fs, path = open_fs(uri, options_by_protocol[protocol_of(uri)])
-            return fs.cat_file(path)
+            return with_retries(lambda: fs.cat_file(path))
         except FileNotFoundError:
             return "unreadable: file not found"
         except Exception as e:  # any storage failure is this file's error, not the job's

@@ -16,6 +16,7 @@ Rules, in the order `list_inputs` applies them:
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from collections import Counter
@@ -28,7 +29,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pa_ds
 from fsspec import AbstractFileSystem
 
-from pipeline.storage import is_local, open_fs, protocol_of, qualify
+from pipeline.storage import is_local, open_fs, protocol_of, qualify, with_retries
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
@@ -125,7 +126,7 @@ class Listing:
         stack = [self.path.rstrip("/") or self.path]
         while stack:
             folder = stack.pop()
-            entries = sorted(self.fs.ls(folder, detail=True), key=lambda e: e["name"])
+            entries = sorted(with_retries(functools.partial(self.fs.ls, folder, detail=True)), key=lambda e: e["name"])
             # s3fs caches every listing; drop it so a huge walk does not accumulate in memory.
             self.fs.invalidate_cache(folder)
             subfolders = []
@@ -147,7 +148,7 @@ class Listing:
             stack.extend(reversed(subfolders))
 
     def _glob(self) -> Iterator[str]:
-        matches = self.fs.glob(self.path, detail=True)
+        matches = with_retries(lambda: self.fs.glob(self.path, detail=True))
         for path in sorted(matches):
             if matches[path].get("type") == "directory":
                 continue
@@ -165,23 +166,39 @@ def list_inputs(input: str, options: dict[str, Any]) -> Listing:
     """Classify INPUT and check that it exists; iterate the result's `uris()` for the images.
 
     Raises FileNotFoundError (naming `input`) if the folder, file or glob base does not exist, and
-    ValueError for a manifest without a `uri` column (checked when iteration starts).
+    ValueError for a manifest without a `uri` column (checked when iteration starts). Any other
+    storage failure (no credentials, access denied, an unreachable endpoint) is raised as it is,
+    after `with_retries` where it is transient: it never passes for a missing input. Each storage
+    call here and in the iteration is retried on its own, so callers need not retry these again.
     """
     if not input:
         raise ValueError("INPUT is empty")
     fs, path = open_fs(input, options)
     if has_glob(path):
         base = _glob_base(path)
-        if base and not fs.exists(base):
+        if base and _entry_type(fs, base) is None:
             raise FileNotFoundError(f"input {input!r}: {base!r} (the folder the glob starts from) does not exist")
         return Listing(input=input, kind="glob", fs=fs, path=path)
-    if fs.isfile(path):
+    entry_type = _entry_type(fs, path)
+    if entry_type == "file":
         kind: Kind = "manifest" if path.lower().endswith(MANIFEST_SUFFIXES) else "file"
         return Listing(input=input, kind=kind, fs=fs, path=path)
-    if fs.isdir(path):
+    if entry_type == "directory":
         kind = "manifest" if path.rstrip("/").lower().endswith(".parquet") else "folder"
         return Listing(input=input, kind=kind, fs=fs, path=path)
     raise FileNotFoundError(f"input {input!r} does not exist (no such file, folder or prefix)")
+
+
+def _entry_type(fs: AbstractFileSystem, path: str) -> str | None:
+    """The type of `path`: "file", "directory", another fsspec type, or None where nothing exists.
+
+    Not `fs.isfile`/`fs.exists`: they answer False for any error, so a missing credential or a dead
+    endpoint would read as a missing input (after the slow retries of every probe).
+    """
+    try:
+        return str(with_retries(lambda: fs.info(path))["type"])
+    except FileNotFoundError:
+        return None
 
 
 def _glob_base(path: str) -> str:

@@ -7,6 +7,7 @@ them and prove they never leak. They are exported into os.environ for the whole 
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -87,3 +88,24 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(aws_credentials: dict[str, str]) -> Iterator[None]:
+    """A local Ray for the module, started after the fake AWS variables are set (workers inherit them)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from tests.test_infer import tiny_model_file  # test_infer imports this module: not at the top
+
+    folder = tmp_path_factory.mktemp("models")
+    return {task: tiny_model_file(folder / f"{task}.safetensors", task=task) for task in ("semantic", "panoptic")}

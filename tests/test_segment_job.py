@@ -8,7 +8,6 @@ Outputs are read back the way users read them: DuckDB over the Parquet files, py
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -28,37 +27,19 @@ from typer.testing import CliRunner
 
 import jobs.resume as resume
 from cli import app
+from jobs.dataflow import capacity_warnings, resolve_device
 from jobs.resume import drop_rows, ids_to_keys, isin_sorted, plan_work, scan_output, uri_key
-from jobs.segment import SegmentConfig, capacity_warnings, resolve_device
+from jobs.segment import SegmentConfig
 from pipeline.schema import OUTPUT_SCHEMA, error_row, image_id, ok_row, rows_to_table
 from pipeline.sources import list_inputs
 from pipeline.storage import open_fs
 from tests.conftest import TEST_AWS_ACCESS_KEY_ID, TEST_AWS_SECRET_ACCESS_KEY, TEST_SECRETS
 from tests.corpus import write_corpus
 from tests.processes import kill_tree
-from tests.test_infer import png, tiny_model_file
+from tests.test_infer import png
 
 REPO = Path(__file__).resolve().parent.parent
 KILL_TIMEOUT_S = 240.0
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(aws_credentials: dict[str, str]) -> None:
-    """A local Ray for the module, started after the fake AWS variables are set (workers inherit them)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("models")
-    return {task: tiny_model_file(folder / f"{task}.safetensors", task=task) for task in ("semantic", "panoptic")}
 
 
 def segment(*args: object) -> object:
@@ -241,20 +222,18 @@ def test_rerun_skips_everything_and_overwrite_redoes_it(ray_cluster, models, tmp
 # --- kill and resume -----------------------------------------------------------------------------
 
 
-def test_a_killed_run_resumes_to_exactly_one_ok_row_per_image(ray_cluster, models, tmp_path) -> None:
+def test_rows_are_committed_while_the_run_goes_and_a_killed_run_resumes_exactly_once(ray_cluster, models, tmp_path):
+    """Default settings (512 rows per file, 30 s flush): the first part file lands mid-run, and a SIGKILL of
+    the whole process tree keeps it."""
     source, out = tmp_path / "in", tmp_path / "out"
-    uris = write_images(source, [(64 + i % 5 * 8, 48) for i in range(40)])
+    uris = write_images(source, [(64 + i % 5 * 8, 48) for i in range(1200)])
     log_path = tmp_path / "killed.log"
-    env = {**os.environ, "M2F_ROWS_PER_FILE": "4", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("M2F_ROWS_PER_FILE", None)
     command = [sys.executable, "-m", "cli", "segment", str(source), str(out), "--model", models["semantic"]]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [*command, "--batch-size", "1"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         deadline = time.monotonic() + KILL_TIMEOUT_S
@@ -262,19 +241,23 @@ def test_a_killed_run_resumes_to_exactly_one_ok_row_per_image(ray_cluster, model
             assert process.poll() is None, log_path.read_text(errors="replace")
             assert time.monotonic() < deadline, "no part file appeared"
             time.sleep(0.05)
+        assert process.poll() is None, "the first part file landed only as the run ended"
+        (first,) = out.glob("part-*.parquet")
+        assert pq.read_metadata(first).num_rows == 512
     finally:
         kill_tree(process)
     assert process.returncode == -signal.SIGKILL
-    assert not list((out / "_runs").glob("*.json")), "the run finished before it was killed"
+    ((report,),) = [reports(out)]
+    assert report["status"] == "running", "the run finished before it was killed"
     survivors = rows_of(out, "image_uri, run_id")
-    assert 0 < len(survivors) < len(uris)
+    assert 512 <= len(survivors) < len(uris)
 
     # What a kill mid-write leaves (a hidden temporary), and a visible file that is not ours.
     temporary = out / ".part-20990101T000000Z-dead.parquet.m2f-tmp-0123abcd"
     temporary.write_bytes(b"PAR1\x00\x00 half a file")
     (out / "part-not-parquet.parquet").write_bytes(b"garbage")
 
-    result = segment(source, out, "--model", models["semantic"], "--batch-size", 2)
+    result = segment(source, out, "--model", models["semantic"], "--batch-size", 8)
     assert result.exit_code == 0, result.output
     assert f"{len({r['image_uri'] for r in survivors})} already done" in result.output
     assert not temporary.exists() and (out / "_quarantine" / "part-not-parquet.parquet").exists()
@@ -342,12 +325,12 @@ def test_plan_skips_done_and_repeated_uris(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(resume, "WORK_CHUNK", 3)  # repeats across chunk boundaries too
     fs, root = open_fs(str(tmp_path / "work"), {})
     done = np.sort(np.array([uri_key(uris[4])], np.uint64))
-    plan = plan_work(list_inputs(str(manifest), {}), done, overwrite=False, fs=fs, folder=root)
+    plan = plan_work(list_inputs(str(manifest), {}), done, fs=fs, folder=root)
     assert (plan.listed, plan.duplicates, plan.already_done, len(plan.pending)) == (7, 2, 1, 4)
     assert plan.pending.tolist() == sorted(uri_key(u) for u in uris[:4])
     work = [u for path in plan.files for u in pq.read_table(path)["image_uri"].to_pylist()]
     assert work == uris[:4]  # listing order kept
-    redo = plan_work(list_inputs(str(manifest), {}), done, overwrite=True, fs=fs, folder=root + "2")
+    redo = plan_work(list_inputs(str(manifest), {}), np.empty(0, np.uint64), fs=fs, folder=root + "2")
     assert (redo.already_done, len(redo.pending)) == (0, 5)
 
 
@@ -397,22 +380,3 @@ def test_an_actor_pool_that_leaves_no_cpu_is_flagged() -> None:
     (message,) = capacity_warnings({"CPU": 2.0}, config, "cpu")
     assert "may stall" in message
     assert "GPUs" in capacity_warnings({"CPU": 8.0, "GPU": 1.0}, config, "cuda")[0]
-
-
-@pytest.mark.parametrize(
-    ("asked", "terminal", "expected"), [(None, False, False), (None, True, True), (False, True, False)]
-)
-def test_progress_bars_follow_the_terminal_unless_asked(monkeypatch, asked, terminal, expected) -> None:
-    """Scheduled jobs write logs, not terminals: no bars there unless --progress asks for them."""
-    import ray.data
-
-    from jobs.segment import _quiet_ray_data
-
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.enable_progress_bars
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
-    try:
-        _quiet_ray_data(asked)
-        assert ctx.enable_progress_bars is expected
-    finally:
-        ctx.enable_progress_bars = before

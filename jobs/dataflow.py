@@ -1,0 +1,195 @@
+"""The Ray Data side of `m2f segment`: the pipeline up to the model's rows, and the driver's loop that pulls
+those rows into the part-file writer (jobs.commit), watching for signals and stalls.
+
+    work manifest (Parquet, URIs)  --read_work_files, small blocks-->
+    prepare_images (CPU tasks: read, decode, resize)  -->
+    Segmenter (actor pool: the model, post-processing, RLE)  --blocks of rows-->  the driver
+
+Also what the cluster's resources mean for that pipeline: which device the actors get, what it cannot
+run, and why a run that stopped making progress stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.compute as pc
+
+from jobs.commit import PartWriter
+from jobs.lifecycle import Stop
+from jobs.progress import Progress
+from jobs.resume import WorkPlan, read_work_files
+from model.config import PreprocessConfig
+from pipeline.infer import Segmenter, prepare_images
+from pipeline.schema import STATUS_OK
+from pipeline.storage import storage_options
+
+if TYPE_CHECKING:
+    from jobs.segment import SegmentConfig
+
+PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
+ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
+PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+
+
+def resolve_device(requested: str, cluster_gpus: float, gpus_per_actor: float, precision: str = "fp32") -> str:
+    """auto -> cuda when the Ray cluster has GPUs (and actors may take one), else cpu. Raises ValueError for
+    cuda without a GPU, and for fp16 on CPU."""
+    device = requested
+    if requested == "auto":
+        device = "cuda" if cluster_gpus > 0 and gpus_per_actor > 0 else "cpu"
+    elif requested == "cuda":
+        if cluster_gpus <= 0:
+            raise ValueError("--device cuda, but the Ray cluster has no GPU")
+        if gpus_per_actor <= 0:
+            raise ValueError("--device cuda needs --gpus-per-actor > 0")
+    if precision == "fp16" and device != "cuda":
+        raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return device
+
+
+def capacity_warnings(resources: dict[str, float], config: SegmentConfig, device: str) -> list[str]:
+    """What the cluster (as it is now; an autoscaler may add more) cannot give the actor pool."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    out = []
+    if config.actors * config.cpus_per_actor > cpus - 1:
+        out.append(
+            f"{config.actors} actors x {config.cpus_per_actor:g} CPUs leave less than one of the cluster's {cpus:g} "
+            "CPUs for reading, decoding and writing: the job may stall (lower --actors or --cpus-per-actor)"
+        )
+    if device == "cuda" and config.actors * config.gpus_per_actor > gpus:
+        out.append(f"{config.actors} actors x {config.gpus_per_actor:g} GPUs exceed the cluster's {gpus:g} GPUs")
+    return out
+
+
+def explain_stall(seconds: float, config: SegmentConfig, device: str) -> str:
+    """Why nothing has finished for `seconds`, as far as the cluster's resources tell."""
+    import ray
+
+    text = f"no image finished for {seconds:.0f} s"
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    except Exception:
+        return text + " (the Ray cluster does not answer)"
+    cpus, free_cpus = total.get("CPU", 0.0), free.get("CPU", 0.0)
+    if free_cpus < 1:
+        return text + (
+            f": the cluster ({nodes} node(s)) has {free_cpus:g} of {cpus:g} CPUs free, too few for the prepare "
+            f"stage (1 CPU a task) beside {config.actors} model actor(s) x {config.cpus_per_actor:g} CPUs; "
+            "a node may have been lost: add one, or lower --actors"
+        )
+    if device == "cuda" and total.get("GPU", 0.0) < config.gpus_per_actor:
+        return text + f": the cluster ({nodes} node(s)) has {total.get('GPU', 0.0):g} GPUs, too few for a model actor"
+    return text + f" ({nodes} node(s), {free_cpus:g} of {cpus:g} CPUs free)"
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours (jobs.progress) work in logs and on terminals alike
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    ctx.verbose_stats_logs = False
+    # Ray Data sets its loggers up when first imported, after jobs.cluster quietened them: again here.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def build_dataset(
+    config: SegmentConfig, plan: WorkPlan, *, preprocess: PreprocessConfig, task: str, device: str, run_id: str
+) -> Any:
+    """The Ray Data pipeline over the work manifest, up to the model actors' output rows (not executed)."""
+    import ray.data
+
+    _quiet_ray_data()
+    io_options = {"endpoint_url": config.endpoint_url, "storage_options_json": config.storage_options_json}
+    # The work files are read by a plain task, not read_parquet: in Ray 2.60 that datasource starts 32
+    # footer-reading actors for a handful of tiny files, which cost tens of seconds of every run's start.
+    ds = ray.data.from_items([{"path": p} for p in plan.files])
+    ds = ds.map_batches(
+        read_work_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"output": config.output, **io_options}
+    )
+    # Small blocks spread decoding over every CPU (a work file is one block of up to WORK_CHUNK URIs).
+    ds = ds.repartition(target_num_rows_per_block=PREPARE_ROWS)
+    ds = ds.map_batches(
+        prepare_images,
+        batch_size=PREPARE_ROWS,
+        batch_format="numpy",
+        fn_kwargs={"preprocess": preprocess, "max_pixels": config.max_pixels, **io_options},
+        memory=PREPARE_MEMORY,
+    )
+    gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
+    return ds.map_batches(
+        Segmenter,
+        batch_size=config.batch_size * ACTOR_BATCHES,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        num_cpus=config.cpus_per_actor,
+        fn_constructor_args=(config.model,),
+        fn_constructor_kwargs={
+            "run_id": run_id,
+            "device": device,
+            "task": task,
+            "precision": config.precision,
+            "batch_size": config.batch_size,
+            "score_threshold": config.score_threshold,
+            "preset": config.preset,
+            "storage_options": storage_options(config.model, config.endpoint_url, config.storage_options_json),
+            "num_threads": max(1, int(config.cpus_per_actor)),
+        },
+        **gpu,
+    )
+
+
+def stream_results(
+    ds: Any,
+    writer: PartWriter,
+    progress: Progress,
+    stop: Stop,
+    *,
+    stall_timeout: float,
+    explain: Callable[[float], str],
+) -> None:
+    """Pull the model's rows into `writer` until the dataset is exhausted or `stop` is requested (by a
+    signal, or here, when no image finished for `stall_timeout` seconds). Raises what failed the pulling.
+
+    A thread pulls (Ray Data's iterator blocks); this thread wakes every second to commit rows that have
+    waited long enough, print progress, and notice a stop, so neither a signal nor a stall waits on Ray.
+    """
+    state: dict[str, Any] = {"last": time.monotonic(), "error": None}
+
+    def pull() -> None:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if stop.requested:
+                    return
+                writer.add(batch)
+                errors = batch.num_rows - int(pc.sum(pc.equal(batch["status"], STATUS_OK)).as_py() or 0)
+                progress.update(batch.num_rows, errors)
+                state["last"] = time.monotonic()
+        except BaseException as e:  # raised in the caller's thread below
+            state["error"] = e
+
+    puller = threading.Thread(target=pull, name="m2f-results", daemon=True)
+    puller.start()
+    while puller.is_alive():
+        puller.join(1.0)
+        writer.flush_if_due()
+        progress.tick()
+        if stop.requested:
+            return
+        idle = time.monotonic() - state["last"]
+        if idle > stall_timeout:
+            stop.stall(explain(idle))
+            return
+    if state["error"] is not None and not stop.requested:
+        raise state["error"]
