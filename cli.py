@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
-from typing import Annotated
+import tomllib
+from enum import Enum, StrEnum
+from typing import Annotated, Any
 
 import typer
 
@@ -49,10 +50,63 @@ RayAddressOpt = Annotated[
 ]
 
 
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="TOML file of options (keys as the option names, e.g. batch_size or batch-size); the command line wins.",
+    ),
+]
+
+
+def merged_options(ctx: typer.Context, config_file: str | None) -> dict[str, Any]:
+    """The command's parameters: given on the command line (or in the environment), else from `config_file`,
+    else their defaults. Unknown keys and values of the wrong type are bad arguments (exit 2)."""
+    values = dict(ctx.params)
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as e:
+            raise typer.BadParameter(f"cannot read {config_file}: {e.strerror}", param_hint="--config") from None
+        except tomllib.TOMLDecodeError as e:
+            raise typer.BadParameter(f"{config_file} is not valid TOML: {e}", param_hint="--config") from None
+        params = {p.name: p for p in ctx.command.params if p.name != "config_file"}
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in params:
+                raise typer.BadParameter(f"unknown key {key!r} in {config_file}", param_hint="--config")
+            source = ctx.get_parameter_source(name)
+            if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+                continue
+            param = params[name]
+            try:
+                values[name] = None if value is None else param.process_value(ctx, value)
+            except typer.BadParameter as e:
+                raise typer.BadParameter(f"{key!r} in {config_file}: {e.message}", param_hint="--config") from None
+    values.pop("config_file", None)
+    return {name: value.value if isinstance(value, Enum) else value for name, value in values.items()}
+
+
+def required(values: dict[str, Any], *names: str) -> None:
+    for name in names:
+        if values.get(name) is None:
+            raise typer.BadParameter(
+                f"{name.upper()} is missing: give it on the command line or as `{name}` in --config",
+                param_hint=name.upper(),
+            )
+
+
 @app.command()
 def segment(
-    input: Annotated[str, typer.Argument(help="URI prefix, local folder, glob, or manifest (.txt/.csv/.parquet).")],
-    output: Annotated[str, typer.Argument(help="Output URI prefix: Parquet dataset, run reports, previews.")],
+    ctx: typer.Context,
+    input: Annotated[
+        str | None, typer.Argument(help="URI prefix, local folder, glob, or manifest (.txt/.csv/.parquet).")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Argument(help="Output URI prefix: Parquet dataset, run reports, previews.")
+    ] = None,
+    config_file: ConfigOpt = None,
     model: Annotated[str, typer.Option(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")] = "demo",
     preset: Annotated[str | None, typer.Option(help="Dataset preset for a detectron2 checkpoint.")] = None,
     task: Annotated[Task | None, typer.Option(help="Post-processing; default: the checkpoint's task.")] = None,
@@ -64,7 +118,9 @@ def segment(
     gpus_per_actor: Annotated[float, typer.Option(min=0.0, help="GPUs per actor (fractions share a GPU).")] = 1.0,
     cpus_per_actor: Annotated[float, typer.Option(min=0.0, help="CPUs per model actor (and torch threads).")] = 1.0,
     precision: Annotated[Precision, typer.Option(help="Autocast precision of the forward pass.")] = Precision.fp32,
-    score_threshold: Annotated[float, typer.Option(help="Drop segments scoring below this.")] = 0.0,
+    score_threshold: Annotated[
+        float | None, typer.Option(help="Drop segments scoring below this; default 0.5 for instance, else 0.")
+    ] = None,
     max_pixels: Annotated[int, typer.Option(help="Reject larger images (decompression bombs).")] = 100_000_000,
     max_error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit non-zero above this error rate.")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Redo images that already have an ok row.")] = False,
@@ -85,6 +141,10 @@ def segment(
     stall_timeout: Annotated[
         float, typer.Option(min=0.001, help="End the run (exit 3) when no image finishes for this many seconds.")
     ] = 900.0,
+    allow_empty: Annotated[bool, typer.Option(help="An INPUT that lists no image is not an error (exit 0).")] = False,
+    json_report: Annotated[
+        bool, typer.Option("--json", help="Print the run report as JSON, the last line of stdout; the rest to stderr.")
+    ] = False,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Segment every image under INPUT and write one Parquet row per image under OUTPUT.
@@ -95,38 +155,22 @@ def segment(
     """
     from jobs.segment import SegmentConfig, run
 
-    config = SegmentConfig(
-        input=input,
-        output=output,
-        model=model,
-        preset=preset,
-        task=task.value if task else None,
-        endpoint_url=endpoint_url,
-        storage_options_json=storage_options,
-        actors=actors,
-        batch_size=batch_size,
-        device=device.value,
-        gpus_per_actor=gpus_per_actor,
-        cpus_per_actor=cpus_per_actor,
-        precision=precision.value,
-        score_threshold=score_threshold,
-        max_pixels=max_pixels,
-        max_error_rate=max_error_rate,
-        overwrite=overwrite,
-        preview=preview,
-        progress=progress,
-        flush_seconds=flush_seconds,
-        grace_seconds=grace_seconds,
-        stall_timeout=stall_timeout,
-        ray_address=ray_address,
-    )
+    values = merged_options(ctx, config_file)
+    required(values, "input", "output")
+    values["storage_options_json"] = values.pop("storage_options")
+    values["json"] = values.pop("json_report")
+    config = SegmentConfig(**values, config_file=config_file)
     raise typer.Exit(run(config))
 
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Argument(help="Dataset root URI (see --format for the expected layout).")],
-    output: Annotated[str, typer.Argument(help="Where checkpoints and metrics.jsonl go (local or object storage).")],
+    ctx: typer.Context,
+    data: Annotated[str | None, typer.Argument(help="Dataset root URI (see --format for the expected layout).")] = None,
+    output: Annotated[
+        str | None, typer.Argument(help="Where checkpoints and metrics.jsonl go (local or object storage).")
+    ] = None,
+    config_file: ConfigOpt = None,
     format: Annotated[DataFormat, typer.Option(help="Annotation format under DATA.")] = DataFormat.coco_panoptic,
     annotations: Annotated[
         str | None, typer.Option(help="Annotation JSON (default: DATA/panoptic.json or instances.json).")
@@ -163,36 +207,10 @@ def train(
     """Fine-tune (or train from scratch) on Ray Train; resumes from OUTPUT's latest checkpoint."""
     from jobs.train import TrainConfig, run
 
-    config = TrainConfig(
-        data=data,
-        output=output,
-        format=format.value,
-        annotations=annotations,
-        images=images,
-        masks=masks,
-        init=init,
-        arch=arch,
-        workers=workers,
-        use_gpu=use_gpu,
-        max_steps=max_steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        backbone_lr_mult=backbone_lr_mult,
-        clip_grad=clip_grad,
-        warmup_steps=warmup_steps,
-        image_size=image_size,
-        min_scale=min_scale,
-        max_scale=max_scale,
-        num_points=num_points,
-        checkpoint_every=checkpoint_every,
-        threads_per_worker=threads_per_worker,
-        seed=seed,
-        endpoint_url=endpoint_url,
-        storage_options_json=storage_options,
-        ray_address=ray_address,
-    )
+    values = merged_options(ctx, config_file)
+    required(values, "data", "output")
+    values["storage_options_json"] = values.pop("storage_options")
+    config = TrainConfig(**values)
     raise typer.Exit(run(config))
 
 
@@ -217,11 +235,22 @@ def evaluate(
             "(default: categories.json or ../panoptic.json beside the folder)."
         ),
     ] = None,
-    json_out: Annotated[str | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    json_out: Annotated[
+        str | None,
+        typer.Option(
+            "--json",
+            help="Also write the metrics as JSON to this file; '-': as the last line of stdout, in one line, "
+            "with the table and warnings on stderr.",
+        ),
+    ] = None,
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Score a segmentation run against ground truth: mask AP, PQ/SQ/RQ, mIoU (matched by file name)."""
+    """Score a segmentation run against ground truth: mask AP, PQ/SQ/RQ, mIoU (matched by file name).
+
+    Warns (stderr, and "warnings" in the JSON) when the run's task or --score-threshold biases the metric;
+    semantic predictions against coco-instances are refused (exit 2): their AP is not instance AP.
+    """
     from jobs.evaluate import EvaluateConfig, run
 
     raise typer.Exit(
@@ -243,20 +272,31 @@ def evaluate(
 @app.command("export-coco")
 def export_coco(
     predictions: Annotated[str, typer.Argument(help="OUTPUT of `m2f segment`.")],
-    results: Annotated[str, typer.Argument(help="COCO results JSON to write.")],
+    results: Annotated[
+        str, typer.Argument(help="JSON to write (panoptic: its PNGs go in the folder of the same name without .json).")
+    ],
     ground_truth: Annotated[
         str | None, typer.Option("--gt", help="COCO JSON whose image ids the results must use (matched by file name).")
     ] = None,
+    result_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="instances: COCO results JSON, thing segments only. panoptic: COCO panoptic JSON + RGB PNGs, "
+            "as panopticapi's pq_compute reads them.",
+        ),
+    ] = "instances",
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Write a segmentation run as COCO results JSON (what any COCO evaluation tool reads).
+    """Write a segmentation run as COCO results (what any COCO evaluation tool reads).
 
-    Without --gt, image ids are int(image_id[:15], 16): stable, but not those of any COCO file.
+    Without --gt, image ids are int(image_id[:13], 16): 52 bits, so every JSON reader keeps them exact;
+    stable, but not those of any COCO file.
     """
     from jobs.evaluate import export_coco as export
 
-    raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options))
+    raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options, result_format))
 
 
 @app.command()

@@ -27,17 +27,31 @@ Ground-truth formats (`gt_format`):
   layout `m2f synth` writes). A predicted segment's `category_id` is looked up among those ids;
   pixels no segment covers count as wrong. mIoU comes from one confusion matrix over the set.
 
+Runs and tasks: each row names its `task` and `run_id`; the run report `OUTPUT/_runs/<run_id>.json`
+holds the run's `config.score_threshold`. A task that does not fit the GT format is warned about
+(`TASK_MISMATCH`), except semantic predictions against COCO instances, which are refused: a semantic
+segment is every pixel of a class, so "mask AP" of it is not instance AP, and detectron2's
+COCOEvaluator, given a model without instance output, reports no AP at all rather than a number.
+Mask AP ranks all detections (up to 100 per image), so a run with `score_threshold > 0` is warned
+about too. Warnings are printed on stderr and listed under "warnings" in the JSON.
+
+`json_out="-"` prints the metrics JSON as the last line of stdout, in one line, and everything meant
+for people (table, warnings) on stderr, so a scheduler reads stdout without parsing prose.
+
 Bad input (missing files, wrong format, predictions that do not fit the GT) prints one clear line
 on stderr and returns exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import posixpath
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,9 +76,14 @@ GT_FORMATS = ("coco-instances", "coco-panoptic", "semantic")
 IGNORE = 255  # semantic label of unlabelled pixels, in GT PNGs and in predicted class maps
 SEMANTIC_CATEGORY_FILES = ("categories.json", "../categories.json", "../panoptic.json")
 BATCH_ROWS = 64  # rows decoded at a time in the second pass: a row can hold hundreds of RLEs
-_SELECT_COLUMNS = ("image_uri", "status", "processed_at")
+_SELECT_COLUMNS = ("image_uri", "status", "processed_at", "run_id", "task")
 _READ_COLUMNS = ("image_uri", "image_id", "status", "width", "height", "segments")
 _EXAMPLES = 5  # how many unmatched names a warning shows
+RUNS_DIR = "_runs"  # where `m2f segment` writes its run reports, under OUTPUT
+STDOUT = "-"  # json_out that means: the metrics JSON as the last line of stdout
+EXPORT_FORMATS = ("instances", "panoptic")
+STABLE_ID_HEX = 13  # hex digits of image_id kept for a COCO image id: 52 bits, exact in any JSON reader
+PANOPTIC_MAX_ID = 256**3 - 1  # the largest segment id an RGB PNG can hold (R + 256 G + 256^2 B)
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,16 @@ class EvaluateConfig:
 
 class BadInput(ValueError):
     """User input the job cannot evaluate; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run that wrote chosen ok rows, with what its report says about how it segmented."""
+
+    run_id: str
+    task: str
+    images: int  # chosen ok rows of this run and task
+    score_threshold: float | None  # from the run report; None when the report is missing or lacks it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,17 +150,18 @@ class MatchCounts:
 class BatchOutput:
     """The rows of one `m2f segment` OUTPUT, one per image, read file by file.
 
-    The constructor reads only `image_uri`, `status` and `processed_at` of every file to choose each
-    image's row; `ok_rows` then decodes the chosen ok rows a few at a time, so memory holds one
-    small batch of rows plus one (file, row) pair per image.
+    The constructor reads only `image_uri`, `status`, `processed_at`, `run_id` and `task` of every
+    file to choose each image's row; `ok_rows` then decodes the chosen ok rows a few at a time, so
+    memory holds one small batch of rows plus one (file, row) pair per image.
     """
 
     def __init__(self, uri: str, options: dict[str, Any]) -> None:
         self.uri = uri
-        self.fs, root = open_fs(uri, options)
-        self.files = _list_part_files(self.fs, root, uri)
+        self.fs, self.root = open_fs(uri, options)
+        self.files = _list_part_files(self.fs, self.root, uri)
         self.counts = MatchCounts(prediction_files=len(self.files))
         best: dict[str, tuple[bool, int, int, int]] = {}  # image_uri -> (ok, processed_at, file, row)
+        origin: dict[str, tuple[str, str]] = {}  # image_uri -> (run_id, task) of its best row
         for f, path in enumerate(self.files):
             with self.fs.open(path, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
@@ -140,21 +170,50 @@ class BatchOutput:
             uris = table.column("image_uri").to_pylist()
             statuses = table.column("status").to_pylist()
             stamps = table.column("processed_at").cast("int64").to_pylist()  # microseconds since the epoch
-            for r, (image_uri, status, stamp) in enumerate(zip(uris, statuses, stamps, strict=True)):
+            runs = zip(table.column("run_id").to_pylist(), table.column("task").to_pylist(), strict=True)
+            for r, (image_uri, status, stamp, run) in enumerate(zip(uris, statuses, stamps, runs, strict=True)):
                 if not image_uri or stamp is None:
                     raise BadInput(f"{path}: row {r} has no image_uri or processed_at; not `m2f segment` output")
                 rank = (status == STATUS_OK, stamp, f, r)  # ok beats error, then the latest, then the last written
                 if image_uri not in best or rank > best[image_uri]:
                     best[image_uri] = rank
+                    origin[image_uri] = (run[0] or "", run[1] or "")
             self.counts.rows += len(uris)
         self._chosen: dict[int, set[int]] = {}
-        for ok, _, f, r in best.values():
+        self._origins: Counter[tuple[str, str]] = Counter()  # (run_id, task) -> chosen ok rows
+        for image_uri, (ok, _, f, r) in best.items():
             if ok:
                 self._chosen.setdefault(f, set()).add(r)
+                self._origins[origin[image_uri]] += 1
         self.counts.images = len(best)
         self.counts.ok = sum(len(rows) for rows in self._chosen.values())
         self.counts.failed = self.counts.images - self.counts.ok
         self.counts.superseded_rows = self.counts.rows - self.counts.images
+
+    def runs(self) -> list[RunInfo]:
+        """The (run, task) pairs behind the chosen ok rows, most images first, with their score thresholds."""
+        thresholds = {run_id: self._score_threshold(run_id) for run_id, _ in self._origins}
+        return [
+            RunInfo(run_id, task, images, thresholds[run_id])
+            for (run_id, task), images in sorted(self._origins.items(), key=lambda item: (-item[1], item[0]))
+        ]
+
+    def _score_threshold(self, run_id: str) -> float | None:
+        """`config.score_threshold` of `_runs/<run_id>.json`; None when it cannot be read.
+
+        The report only explains the rows, so a missing or unreadable one (Parquet files copied
+        without `_runs/`) is no error: the threshold is simply unknown.
+        """
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            return None
+        path = posixpath.join(self.root, RUNS_DIR, f"{run_id}.json")
+        try:
+            with self.fs.open(path, "rb") as f:
+                report = json.load(f)
+            value = report["config"]["score_threshold"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     def ok_rows(self) -> Iterator[dict[str, Any]]:
         """The chosen ok row of every image: {image_uri, image_id, status, width, height, segments}."""
@@ -427,31 +486,97 @@ _METRICS = {"coco-instances": _instances_ap, "coco-panoptic": _panoptic_pq, "sem
 
 
 # ---------------------------------------------------------------------------------------------
+# Does the run fit the metric?
+# ---------------------------------------------------------------------------------------------
+
+# (GT format, run task) -> what the metric means for such predictions. Pairs not listed fit:
+# each format's own task, and panoptic segments for mIoU (they partition the image like semantic).
+TASK_MISMATCH = {
+    ("coco-instances", "semantic"): "a semantic segment is every pixel of one class, not an instance, so mask AP of "
+    "semantic segments is not instance AP (segment with --task instance, or score them with --gt-format "
+    "semantic or coco-panoptic)",
+    ("coco-instances", "panoptic"): "panoptic segments do not overlap and passed the panoptic score filter, so their "
+    "mask AP is lower than that of instance output; segment with --task instance for the AP detectron2 and COCO "
+    "report",
+    ("coco-panoptic", "instance"): "instance masks overlap (the higher score keeps each pixel) and hold no stuff, "
+    "so PQ Stuff counts every stuff segment as missed",
+    ("coco-panoptic", "semantic"): "a semantic segment merges every instance of its class, so PQ Things is not "
+    "panoptic PQ (PQ Stuff is)",
+    ("semantic", "instance"): "instance masks hold no stuff and overlap (the higher score keeps each pixel), so "
+    "mIoU counts stuff pixels as unlabelled",
+}
+REFUSED = {("coco-instances", "semantic")}  # no meaningful number remains: exit 2 in `m2f evaluate`
+TASKS = ("semantic", "instance", "panoptic")
+
+
+def task_findings(gt_format: str, runs: Sequence[RunInfo]) -> tuple[list[str], str | None]:
+    """Warnings about runs whose task or score threshold biases `gt_format`'s metric, and a refusal.
+
+    Returns (warnings, refusal): `refusal` is the message of a pair in REFUSED, else None.
+    """
+    by_task: dict[str, list[RunInfo]] = {}
+    for info in runs:
+        by_task.setdefault(info.task, []).append(info)
+    warnings, refusal = [], None
+    for task, infos in sorted(by_task.items()):
+        images = sum(i.images for i in infos)
+        names = ", ".join(i.run_id or "?" for i in infos[:_EXAMPLES])
+        source = f"{images} predicted images come from {task or 'no'} run(s) {names}"
+        if task not in TASKS:
+            warnings.append(f"{source}, a task this evaluation does not know; the metric may not fit them")
+        elif (gt_format, task) in TASK_MISMATCH:
+            message = f"{source}: {TASK_MISMATCH[gt_format, task]}"
+            if (gt_format, task) in REFUSED:
+                refusal = refusal or message
+            else:
+                warnings.append(message)
+    if gt_format == "coco-instances":
+        for info in runs:
+            if info.score_threshold and info.score_threshold > 0:
+                warnings.append(
+                    f"run {info.run_id} ({info.images} images) kept only segments scoring >= {info.score_threshold:g} "
+                    "(--score-threshold): mask AP ranks all detections, up to 100 per image, so the threshold "
+                    "lowers AP; segment with --score-threshold 0 for an AP comparable with COCO's"
+                )
+    return warnings, refusal
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
 
 
 def run(config: EvaluateConfig) -> int:
-    """Evaluate, print a table (and write JSON with `json_out`); 0 on success, 2 on bad input."""
+    """Evaluate, print a table (and write JSON with `json_out`); 0 on success, 2 on bad input.
+
+    With `json_out="-"` the table and warnings go to stderr and stdout holds only the JSON, in one
+    line; anything a library prints on stdout meanwhile is sent to stderr too.
+    """
+    to_stdout = config.json_out == STDOUT
+    human = sys.stderr if to_stdout else sys.stdout
     try:
-        report = evaluate(config)
-        examples = report.pop("_examples")
-        if config.json_out:
+        with contextlib.redirect_stdout(human):
+            report = evaluate(config)
+        if config.json_out and not to_stdout:
             _write_json(config.json_out, report, config.endpoint_url, config.storage_options_json)
     except _USER_ERRORS as e:
         _error(e)
         return EXIT_BAD_INPUT
-    _warn_unmatched(report["images"], examples)
-    _print_report(report)
-    if config.json_out:
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    _print_report(report, human)
+    if to_stdout:
+        print(json.dumps(report, default=_json_scalar), flush=True)
+    elif config.json_out:
         print(f"metrics written to {config.json_out}")
     return EXIT_OK
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """The report `run` prints: {gt_format, predictions, ground_truth, images: counts, metrics}.
+    """The report `run` prints: {gt_format, predictions, ground_truth, images, runs, warnings, metrics}.
 
-    `_examples` holds the first unmatched names on either side, for the warnings (not in the JSON).
+    `images` counts both sides of the match; `runs` lists the runs behind the chosen rows (`RunInfo`);
+    `warnings` are one-line messages about unmatched images and runs that do not fit the metric.
 
     Raises:
         BadInput (a ValueError), OSError, KeyError: on input that cannot be evaluated.
@@ -463,6 +588,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if config.categories and config.gt_format != "semantic":
         raise BadInput(f"a categories JSON applies to semantic masks only, not to {config.gt_format}")
     predictions = _open_predictions(config.predictions, config.endpoint_url, config.storage_options_json)
+    runs = predictions.runs()
+    warnings, refusal = task_findings(config.gt_format, runs)
+    if refusal:
+        raise BadInput(f"{refusal}; not scored against {config.gt_format} ground truth")
     gt_options = storage_options(config.ground_truth, config.endpoint_url, config.storage_options_json)
     metrics = _METRICS[config.gt_format](config, predictions, gt_options)
     counts = predictions.counts
@@ -471,12 +600,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "predictions": config.predictions,
         "ground_truth": config.ground_truth,
         "images": counts.as_dict(),
+        "runs": [asdict(info) for info in runs],
+        "warnings": _unmatched_warnings(counts) + warnings,
         "metrics": metrics,
-        "_examples": {
-            "unmatched_predictions": [_basename(u) for u in counts.unmatched_predictions[:_EXAMPLES]],
-            "gt_without_prediction": counts.gt_without_prediction[:_EXAMPLES],
-        },
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# export-coco
+# ---------------------------------------------------------------------------------------------
 
 
 def export_coco(
@@ -485,49 +617,235 @@ def export_coco(
     ground_truth: str | None = None,
     endpoint_url: str | None = None,
     storage_options_json: str | None = None,
+    result_format: str = "instances",
 ) -> int:
-    """Write every image's chosen ok row as COCO results JSON; 0 on success, 2 on bad input.
+    """Write every image's chosen ok row in a COCO predictions format; 0 on success, 2 on bad input.
 
-    Results are [{image_id, category_id, segmentation: {size, counts: str}, score}], one per
-    segment, with the segment's own category_id. With `ground_truth` (a COCO JSON) image ids are
-    that JSON's, matched by file name; rows of images it does not list are skipped and counted.
-    Without it, image_id is int(first 15 hex characters of the row's image_id): stable across
-    runs, unique in practice, and below 2**60 so every JSON reader keeps it exact.
+    `result_format`:
+    - "instances": COCO results JSON [{image_id, category_id, segmentation: {size, counts: str},
+      score}], one per thing segment; stuff segments (`is_thing` false) are left out, since
+      instance results and COCOeval know things only.
+    - "panoptic": COCO panoptic predictions, as panopticapi's `pq_compute` reads them: `results`
+      (it must end in .json) holds {"images", "annotations": [{image_id, file_name, segments_info:
+      [{id, category_id, iscrowd, isthing, area, bbox, score}]}], "categories"}, and the folder
+      beside it named by its stem holds one RGB PNG per image, segment id = R + 256 G + 256^2 B
+      (0 = no segment). Overlapping masks are resolved as `m2f evaluate` does (the earlier,
+      higher-scoring segment keeps the pixel); segments left with no pixel are not listed.
+
+    With `ground_truth` (a COCO JSON) image ids are that JSON's, matched by file name; rows of
+    images it does not list are skipped and counted. In panoptic format, GT images without an ok
+    prediction get an empty annotation (an all-zero PNG), since `pq_compute` needs one per GT image.
+    Without it, image_id = `stable_image_id` (52 bits, so any JSON reader keeps it exactly).
     """
     try:
+        if result_format not in EXPORT_FORMATS:
+            raise BadInput(f"--format must be one of {list(EXPORT_FORMATS)}, got {result_format!r}")
+        if result_format == "panoptic" and not results.endswith(".json"):
+            raise BadInput(
+                f"--format panoptic writes its PNGs beside the JSON: RESULTS must end in .json, got {results}"
+            )
         batch = _open_predictions(predictions, endpoint_url, storage_options_json)
-        counts = batch.counts
+        gt = None
         if ground_truth:
             gt = _read_json(ground_truth, storage_options(ground_truth, endpoint_url, storage_options_json), "--gt")
             _require(gt, ("images",), ground_truth, "COCO")
-            ids = image_ids_by_file_name(gt)
-            rows = (row for _, row in _matched(batch.ok_rows(), ids, _basename, counts, ground_truth))
-            out, _ = to_coco_results(rows, ids)
+        warnings, refusal = task_findings(f"coco-{result_format}", batch.runs())
+        for warning in warnings + ([refusal] if refusal else []):
+            print(f"warning: {warning}", file=sys.stderr)
+        rows = _export_rows(batch, gt, ground_truth)
+        if result_format == "instances":
+            out, stuff = _instance_results(rows)
+            _write_json(results, out, endpoint_url, storage_options_json)
+            lines = [f"wrote {len(out)} results from {_exported(batch, gt)} images to {results}"]
+            if stuff:
+                lines.append(f"{stuff} stuff segments (is_thing false) left out: instance results hold things only")
         else:
-            out = []
-            for row in batch.ok_rows():
-                out += to_coco_results([row], {_basename(row["image_uri"]): stable_image_id(row["image_id"])}).results
-        _write_json(results, out, endpoint_url, storage_options_json)
+            folder = results[: -len(".json")]
+            options = storage_options(folder, endpoint_url, storage_options_json)
+            document, empty = _write_panoptic(rows, batch.counts, gt, ground_truth, folder, options)
+            _write_json(results, document, endpoint_url, storage_options_json)
+            segments = sum(len(a["segments_info"]) for a in document["annotations"])
+            lines = [
+                f"wrote {len(document['annotations'])} panoptic annotations ({segments} segments) to {results}, "
+                f"their PNGs to {folder}/"
+            ]
+            if empty:
+                lines.append(f"{empty} ground-truth images have no ok prediction: written as empty (all void)")
     except _USER_ERRORS as e:
         _error(e)
         return EXIT_BAD_INPUT
-    exported = counts.matched if ground_truth else counts.ok
-    print(f"wrote {len(out)} results from {exported} images to {results}")
+    counts = batch.counts
     if counts.failed:
-        print(f"{counts.failed} images failed in the batch run (error rows only) and have no results")
+        lines.append(f"{counts.failed} images failed in the batch run (error rows only) and have no results")
     if ground_truth:
-        print(f"{len(counts.unmatched_predictions)} images skipped: their file name is not in {ground_truth}")
+        lines.append(f"{len(counts.unmatched_predictions)} images skipped: their file name is not in {ground_truth}")
     else:
-        print("image_id = int(first 15 hex characters of the batch output's image_id); pass --gt to use a COCO JSON's")
+        lines.append(
+            f"image_id = int(first {STABLE_ID_HEX} hex digits of the batch output's image_id), below 2**52 so "
+            "JSON readers keep it exact; pass --gt to use a COCO JSON's"
+        )
+    print("\n".join(lines))
     return EXIT_OK
 
 
 def stable_image_id(image_id: str) -> int:
-    """The integer COCO image id of a batch-output `image_id` (16 hex characters) without a GT JSON."""
+    """The integer COCO image id of a batch-output `image_id` (16 hex digits) without a GT JSON.
+
+    The first 13 hex digits (52 bits) as an int: stable across runs, and below 2**53, the largest
+    range in which a JSON reader that parses numbers as doubles (JavaScript, jq) keeps integers
+    exact. Two images in one export whose ids share 52 bits are reported, not merged.
+    """
     try:
-        return int(image_id[:15], 16)
+        if len(image_id) < STABLE_ID_HEX:
+            raise ValueError
+        return int(image_id[:STABLE_ID_HEX], 16)
     except (TypeError, ValueError):
         raise BadInput(f"image_id {image_id!r} is not hexadecimal; not `m2f segment` output") from None
+
+
+def _exported(batch: BatchOutput, gt: Mapping[str, Any] | None) -> int:
+    return batch.counts.matched if gt is not None else batch.counts.ok
+
+
+def _gt_images(gt: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Basename of file_name -> image entry of a COCO JSON."""
+    return {_basename(image["file_name"]): image for image in gt["images"]}
+
+
+def _export_rows(
+    batch: BatchOutput, gt: Mapping[str, Any] | None, ground_truth: str | None
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(COCO image id, image file name, row) of every row to export, GT's ids or `stable_image_id`.
+
+    With a GT the file name is the GT's, and rows whose size differs from the GT image's are refused.
+    """
+    if gt is not None:
+        images = _gt_images(gt)
+        ids = image_ids_by_file_name(gt)
+        for image_id, row in _matched(batch.ok_rows(), ids, _basename, batch.counts, str(ground_truth)):
+            image = images[_basename(row["image_uri"])]
+            if "height" in image and "width" in image:
+                _check_size(row, int(image["height"]), int(image["width"]), image["file_name"])
+            yield image_id, image["file_name"], row
+        return
+    seen: dict[int, str] = {}
+    for row in batch.ok_rows():
+        image_id = stable_image_id(row["image_id"])
+        if image_id in seen:
+            raise BadInput(
+                f"{seen[image_id]} and {row['image_uri']} share the first {STABLE_ID_HEX} hex digits of their "
+                "image_id, so they would share a COCO image id; pass --gt to use a COCO JSON's ids"
+            )
+        seen[image_id] = row["image_uri"]
+        yield image_id, _basename(row["image_uri"]), row
+
+
+def _instance_results(rows: Iterable[tuple[int, str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], int]:
+    """COCO results of the thing segments of `rows`, and how many stuff segments were left out."""
+    out: list[dict[str, Any]] = []
+    stuff = 0
+    for image_id, _, row in rows:
+        segments = row["segments"] or []
+        things = [s for s in segments if s.get("is_thing") is not False]  # unknown (null) counts as a thing
+        stuff += len(segments) - len(things)
+        out += to_coco_results([row | {"segments": things}], {_basename(row["image_uri"]): image_id}).results
+    return out, stuff
+
+
+def _write_panoptic(
+    rows: Iterable[tuple[int, str, dict[str, Any]]],
+    counts: MatchCounts,
+    gt: Mapping[str, Any] | None,
+    ground_truth: str | None,
+    folder: str,
+    options: dict[str, Any],
+) -> tuple[dict[str, Any], int]:
+    """Write one panoptic PNG per row under `folder`; returns the panoptic JSON and the empty GT images.
+
+    With a GT its categories are the JSON's (a segment of another category is refused, as
+    `pq_compute` would refuse it) and every GT image without a row gets an empty annotation.
+    Without one the categories are those the segments name, with their labels and is_thing.
+    """
+    fs, root = open_fs(folder, options)
+    gt_categories = gt.get("categories") if gt is not None else None
+    known = {int(c["id"]) for c in gt_categories} if isinstance(gt_categories, list) else None
+    categories: dict[int, dict[str, Any]] = {}
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    pngs: dict[str, str] = {}  # PNG name -> image file name: two images must not share a PNG
+
+    def add(image_id: int, file_name: str, id_map: np.ndarray, segments: Sequence[Mapping[str, Any]]) -> None:
+        png = _stem(file_name) + ".png"
+        if png in pngs:
+            raise BadInput(f"images {pngs[png]} and {file_name} would share the panoptic PNG {png}")
+        pngs[png] = file_name
+        write_atomic(fs, posixpath.join(root, png), _id_png(id_map))
+        height, width = id_map.shape
+        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+        annotations.append({"image_id": image_id, "file_name": png, "segments_info": _segments_info(id_map, segments)})
+
+    for image_id, file_name, row in rows:
+        segments = [s | {"id": s["id"] or k} for k, s in enumerate(row["segments"] or [], start=1)]
+        ids = [int(s["id"]) for s in segments]
+        if len(set(ids)) != len(ids) or any(not 0 < i <= PANOPTIC_MAX_ID for i in ids):
+            raise BadInput(f"{row['image_uri']}: segment ids {ids} are not distinct ids in 1..{PANOPTIC_MAX_ID}")
+        unknown = sorted({int(s["category_id"]) for s in segments} - known) if known is not None else []
+        if unknown:
+            raise BadInput(f"{row['image_uri']}: category ids {unknown} are not among the categories of {ground_truth}")
+        for s in segments:
+            category_id = int(s["category_id"])
+            name = s.get("label") or str(category_id)
+            categories.setdefault(
+                category_id, {"id": category_id, "name": name, "isthing": int(bool(s.get("is_thing")))}
+            )
+        add(image_id, file_name, segments_to_id_map(segments, int(row["height"]), int(row["width"])), segments)
+
+    empty = 0
+    if gt is not None:
+        images_by_name = _gt_images(gt)
+        for name in counts.gt_without_prediction:
+            image = images_by_name[name]
+            if "height" not in image or "width" not in image:
+                raise BadInput(f"{ground_truth}: image {image['file_name']} has no height and width")
+            add(
+                int(image["id"]),
+                image["file_name"],
+                np.zeros((int(image["height"]), int(image["width"])), np.int32),
+                [],
+            )
+            empty += 1
+    listed = list(gt_categories) if known is not None else sorted(categories.values(), key=lambda c: c["id"])
+    return {"images": images, "annotations": annotations, "categories": listed}, empty
+
+
+def _segments_info(id_map: np.ndarray, segments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """COCO panoptic segments_info of the segments visible in `id_map` (H, W), with their area and bbox."""
+    infos = []
+    for s in segments:
+        ys, xs = np.nonzero(id_map == s["id"])
+        if ys.size == 0:
+            continue  # hidden by earlier segments: pq_compute refuses ids listed but not in the PNG
+        x, y = int(xs.min()), int(ys.min())
+        infos.append(
+            {
+                "id": int(s["id"]),
+                "category_id": int(s["category_id"]),
+                "iscrowd": 0,
+                "isthing": bool(s.get("is_thing")),
+                "area": int(ys.size),
+                "bbox": [x, y, int(xs.max()) - x + 1, int(ys.max()) - y + 1],
+                "score": None if s.get("score") is None else float(s["score"]),
+            }
+        )
+    return infos
+
+
+def _id_png(id_map: np.ndarray) -> bytes:
+    """An (H, W) segment id map as RGB PNG bytes, id = R + 256 G + 256^2 B."""
+    rgb = np.stack([(id_map >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)  # (H, W, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _open_predictions(uri: str, endpoint_url: str | None, storage_options_json: str | None) -> BatchOutput:
@@ -560,28 +878,26 @@ def _error(e: BaseException) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
-def _print_report(report: Mapping[str, Any]) -> None:
+def _print_report(report: Mapping[str, Any], out: Any) -> None:
     counts = report["images"]
     print(
         f"{counts['matched']} of {counts['gt_images']} ground-truth images have a prediction "
         f"({counts['ok']} predicted ok, {counts['failed']} failed, {counts['superseded_rows']} superseded rows, "
-        f"{counts['unmatched_predictions']} not in the ground truth)"
+        f"{counts['unmatched_predictions']} not in the ground truth)",
+        file=out,
     )
-    print()
-    print(format_table(report["metrics"]))
+    print(file=out)
+    print(format_table(report["metrics"]), file=out)
 
 
-def _warn_unmatched(counts: Mapping[str, int], examples: Mapping[str, list[str]]) -> None:
-    if counts["unmatched_predictions"]:
-        names = ", ".join(examples["unmatched_predictions"])
-        print(
-            f"warning: {counts['unmatched_predictions']} predicted images are not in the ground truth: {names}",
-            file=sys.stderr,
+def _unmatched_warnings(counts: MatchCounts) -> list[str]:
+    warnings = []
+    if counts.unmatched_predictions:
+        names = ", ".join(_basename(u) for u in counts.unmatched_predictions[:_EXAMPLES])
+        warnings.append(f"{len(counts.unmatched_predictions)} predicted images are not in the ground truth: {names}")
+    if counts.gt_without_prediction:
+        names = ", ".join(counts.gt_without_prediction[:_EXAMPLES])
+        warnings.append(
+            f"{len(counts.gt_without_prediction)} ground-truth images have no ok prediction and count as empty: {names}"
         )
-    if counts["gt_without_prediction"]:
-        names = ", ".join(examples["gt_without_prediction"])
-        print(
-            f"warning: {counts['gt_without_prediction']} ground-truth images have no ok prediction "
-            f"and count as empty: {names}",
-            file=sys.stderr,
-        )
+    return warnings

@@ -37,10 +37,12 @@ ending but 2 keeps what was committed, and a re-run of the same command resumes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import posixpath
+import re
 import secrets
 import signal
 import time
@@ -50,13 +52,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import typer
 from fsspec import AbstractFileSystem
 
 from jobs.cluster import ray_session
 from jobs.commit import FLUSH_SECONDS, Commit, PartWriter
 from jobs.dataflow import build_dataset, capacity_warnings, explain_stall, resolve_device, stream_results
-from jobs.lifecycle import GRACE_SECONDS, STALL_TIMEOUT, Cancelled, RunLog, Stop, handling_signals
+from jobs.lifecycle import GRACE_SECONDS, STALL_TIMEOUT, Cancelled, RunLog, Stop, Terminal, handling_signals
 from jobs.progress import Progress
 from jobs.report import RunCounts, build_report, ray_data_stats, summary_table
 from jobs.resume import (
@@ -87,6 +88,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # Rows per output part file. Larger files suit analysts, smaller ones lose less work to a kill.
 ROWS_PER_FILE = int(os.environ.get("M2F_ROWS_PER_FILE", "512"))
+INSTANCE_SCORE_THRESHOLD = 0.5  # detectron2's demo and Hugging Face's pipeline keep instances scoring >= 0.5
 PROGRESS_SECONDS = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a progress line in logs this often
 
 log = logging.getLogger(__name__)
@@ -109,16 +111,19 @@ class SegmentConfig:
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
     precision: str = "fp32"
-    score_threshold: float = 0.0
+    score_threshold: float | None = None  # None: 0.5 for instance output (as detectron2's demo), else 0
     max_pixels: int = 100_000_000
     max_error_rate: float = 0.0
     overwrite: bool = False
     preview: int = 0
     progress: bool | None = None  # None: a bar on a terminal, periodic lines in logs
+    allow_empty: bool = False  # an INPUT that lists no image is then not an error
+    json: bool = False  # the run report as stdout's last line; everything else on stderr
     flush_seconds: float = FLUSH_SECONDS
     grace_seconds: float = GRACE_SECONDS
     stall_timeout: float = STALL_TIMEOUT
     ray_address: str | None = None
+    config_file: str | None = None  # the --config file the values came from, for the report
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -139,6 +144,8 @@ class SegmentConfig:
         for name in ("flush_seconds", "stall_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"--score-threshold must lie in [0, 1], got {self.score_threshold}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"--max-error-rate must lie in [0, 1], got {self.max_error_rate}")
         if self.storage_options_json:  # checked even when every path is local and would never parse it
@@ -200,9 +207,11 @@ class SegmentRun:
         self.processing_s = 0.0
         self.stats: dict[str, Any] | None = None
         self.log = RunLog(self.run_id)
+        self.terminal = Terminal(json_mode=config.json)
+        self.report: dict[str, Any] | None = None  # the last report written
 
     def say(self, message: str, *, err: bool = False) -> None:
-        typer.echo(scrub(message, self.secrets), err=err)
+        self.terminal.line(scrub(message, self.secrets), err=err)
 
     def warn(self, message: str) -> None:
         self.warnings.append(scrub(message, self.secrets))
@@ -224,13 +233,20 @@ class SegmentRun:
             if e.exit_code == 2:
                 self.say(f"error: {e}", err=True)
                 self.log.close()
+                if self.config.json:
+                    invalid = {"run_id": self.run_id, "status": "invalid", "exit_code": 2, "error": str(e)}
+                    self.terminal.result(scrub(json.dumps(invalid), self.secrets))
                 return 2
             status = "failed"
         except Exception as e:  # a bug or an unexpected Ray error: still one line, a report, and exit 3
             log.exception("the run failed")
             failure = Failure(f"the job failed: {_one_line(e)}", 3)
             status = "failed"
-        return self._finish(status, failure)
+        exit_code = self._finish(status, failure)
+        if self.config.json:
+            ending = self.report or {"run_id": self.run_id, "status": status, "exit_code": exit_code}
+            self.terminal.result(scrub(json.dumps(ending, default=str), self.secrets))
+        return exit_code
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -260,6 +276,11 @@ class SegmentRun:
             raise Failure(str(e), 2) from None
         self.timings["model_probe"] = time.perf_counter() - clock
         self.task = config.task or self.probe["task"]
+        if config.score_threshold is None:
+            threshold = INSTANCE_SCORE_THRESHOLD if self.task == "instance" else 0.0
+            self.config = dataclasses.replace(config, score_threshold=threshold)
+        if config.device == "cuda" and not config.ray_address and not _local_gpu():
+            raise Failure("--device cuda, but this machine has no GPU that torch can use (Ray runs locally)", 2)
 
     def _plan(self) -> None:
         """Read what OUTPUT holds, tidy it, and write this run's work manifest and 'running' report."""
@@ -308,9 +329,13 @@ class SegmentRun:
             f"skipped), {plan.already_done} already done, {counts.pending} to process with {label} ({self.task})"
         )
         if not plan.listed:
-            self.warn(
-                f"no images found in {config.input} (image extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
+            message = (
+                f"no images found under {config.input} ({self.listing.skipped_count} other files skipped; image "
+                "extensions: jpg, jpeg, png, webp, bmp, gif, tif, tiff)"
             )
+            if not config.allow_empty:
+                raise Failure(message, 1)
+            self.warn(message + "; --allow-empty accepts it")
         self._storage("write to", config.output, lambda: self._write_report("running"))
 
     def _process(self) -> None:
@@ -320,7 +345,7 @@ class SegmentRun:
         config = self.config
         clock = time.perf_counter()
         self.stop.raise_now = False  # a signal inside ray.init() would leave a half-started Ray behind
-        with ray_session(config.ray_address, self.stop):
+        with self.terminal.capture_ray(self.log.path), ray_session(config.ray_address, self.stop):
             import ray
 
             if self.stop.requested:
@@ -349,7 +374,9 @@ class SegmentRun:
                 flush_seconds=config.flush_seconds,
                 on_commit=self._committed,
             )
-            progress = Progress(self.counts.pending, bar=config.progress, interval=PROGRESS_SECONDS)
+            progress = Progress(
+                self.counts.pending, bar=config.progress, interval=PROGRESS_SECONDS, stream=self.terminal.err
+            )
             start = time.perf_counter()  # from here a signal stops the loop, which commits what it holds
             try:
                 stream_results(
@@ -440,6 +467,9 @@ class SegmentRun:
 
     def _ending_line(self, status: str, failure: Failure | None, report_uri: str) -> str:
         """The one line that says how a run that did not complete ended, what it kept, and what next."""
+        where = f"; report: {report_uri}" if report_uri else f"; log: {self.log.path}"
+        if failure is not None and not self.counts.pending:  # nothing was started: nothing to keep or resume
+            return f"m2f segment: error: {failure}{where}"
         kept = f"{self.counts.processed:,} rows committed in {self.counts.files_written} part file(s)"
         left = max(0, self.counts.pending - self.counts.processed)
         if status == "cancelled":
@@ -448,7 +478,6 @@ class SegmentRun:
             what = f"stopped: {self.stop.stalled}"
         else:
             what = f"error: {failure}"
-        where = f"; report: {report_uri}" if report_uri else f"; log: {self.log.path}"
         return f"m2f segment: {what}; kept {kept}, {left:,} image(s) left; a re-run resumes{where}"
 
     def _supersede(self) -> int:
@@ -519,6 +548,7 @@ class SegmentRun:
         report["log"] = qualify(self.fs, posixpath.join(self.root, RUNS_DIR, f"{self.run_id}.log"))
         report["timings_s"] = {name: round(seconds, 3) for name, seconds in self.timings.items()}
         report["ray_data_stats"] = self.stats
+        self.report = report
         write_atomic(self.fs, self.report_path, scrub(json.dumps(report, indent=2, default=str), self.secrets) + "\n")
 
     # --- helpers ----------------------------------------------------------------------------------
@@ -555,9 +585,22 @@ class SegmentRun:
             raise Failure(str(storage_failure(e, action, uri, secrets=self.secrets)), 3) from None
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours its task names in exception texts
+
+
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    plain = ANSI_ESCAPE.sub("", str(e)).strip()
+    text = plain.splitlines()[0] if plain else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _local_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # organisation/model, as on the Hugging Face hub
 
 
 def _parsed_options(options_json: str | None) -> dict[str, Any]:
@@ -576,6 +619,12 @@ def _probe_model(config: SegmentConfig, options: dict[str, Any]) -> dict[str, An
     try:
         net = m2f_model.load(config.model, "cpu", preset=config.preset, storage_options=options)
     except FileNotFoundError:
+        if HUB_NAME.match(config.model) and not os.path.exists(config.model):
+            raise ValueError(
+                f"--model {config.model!r} looks like a Hugging Face hub name: m2f never downloads models. On a "
+                f"machine with internet access run `huggingface-cli download {config.model} --local-dir DIR` "
+                "(or save_pretrained), then pass --model DIR (a local folder or a URI every node can read)"
+            ) from None
         raise
     except Exception as e:
         raise ValueError(f"cannot load --model {config.model!r}: {e}") from None

@@ -286,6 +286,8 @@ class Segmenter:
         inference_ms: float,
     ) -> dict[str, Any]:
         keep = scores >= self.score_threshold
+        if self.task == "instance":  # an instance whose mask is empty at the output size is no instance
+            keep &= masks.reshape(len(masks), -1).any(axis=1)
         height, width = int(batch["height"][i]), int(batch["width"][i])
         cfg = self.config
         try:

@@ -3,6 +3,10 @@
 Mask AP is checked against pycocotools' COCOeval run here on the same predictions, PQ against exact
 values worked out by hand and a slow reference over boolean masks, mIoU against per-class pixel
 counts. Predictions are written with `pipeline.schema` and `pipeline.encode`, as `m2f segment` does.
+
+The panoptic export is scored by `panoptic_files_pq`, written here from the COCO panoptic format
+(panopticapi is not on PyPI): it reads the exported PNGs and JSON as `pq_compute` does, checks what
+`pq_compute` checks, and must give `m2f evaluate`'s PQ on the same predictions.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -58,7 +63,16 @@ def segments_of(masks: list[np.ndarray], category_ids: list[int], scores: list[f
     )
 
 
-def pred_row(name: str, segments: list[dict[str, Any]], h: int, w: int, *, minutes: int = 0) -> dict[str, Any]:
+def pred_row(
+    name: str,
+    segments: list[dict[str, Any]],
+    h: int,
+    w: int,
+    *,
+    minutes: int = 0,
+    task: str = "panoptic",
+    run_id: str = "run-1",
+) -> dict[str, Any]:
     row = ok_row(
         f"{IMAGE_DIR}/{name}",
         width=w,
@@ -66,9 +80,9 @@ def pred_row(name: str, segments: list[dict[str, Any]], h: int, w: int, *, minut
         segments=segments,
         stats=image_stats(segments, h, w),
         inference_ms=1.0,
-        task="panoptic",
+        task=task,
         model="test@sha256:0",
-        run_id="run-1",
+        run_id=run_id,
     )
     return row | {"processed_at": T0 + timedelta(minutes=minutes)}
 
@@ -89,9 +103,19 @@ def evaluate_cli(*args: str) -> tuple[int, str, dict[str, Any] | None]:
     """Run `m2f evaluate` through the CLI; returns exit code, all output and the --json report."""
     result = runner.invoke(app, ["evaluate", *args])
     report = None
-    if "--json" in args and result.exit_code == 0 and "://" not in args[args.index("--json") + 1]:
-        report = json.loads(Path(args[args.index("--json") + 1]).read_text())
+    target = args[args.index("--json") + 1] if "--json" in args else None
+    if target == "-" and result.exit_code == 0:
+        report = json.loads(result.stdout.splitlines()[-1])
+    elif target and result.exit_code == 0 and "://" not in target:
+        report = json.loads(Path(target).read_text())
     return result.exit_code, result.output, report
+
+
+def with_run_report(folder: str, run_id: str, score_threshold: float | None) -> None:
+    """The run report `m2f segment` writes beside its rows, reduced to what evaluate reads."""
+    (Path(folder) / "_runs").mkdir(exist_ok=True)
+    report = {"run_id": run_id, "config": {"score_threshold": score_threshold}}
+    (Path(folder) / "_runs" / f"{run_id}.json").write_text(json.dumps(report))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,6 +227,10 @@ def test_mask_ap_equals_cocoeval_run_directly(synthetic: dict[str, Any], tmp_pat
     assert report["images"]["unmatched_predictions"] == 1
     assert report["images"]["gt_without_prediction"] == 1
     assert "AP50" in output and "not-in-gt.png" in output and "000006.png" in output
+    # Panoptic segments scored as instances: allowed, with a warning in the output and the JSON.
+    assert report["runs"] == [{"run_id": "run-1", "task": "panoptic", "images": 6, "score_threshold": None}]
+    assert any("panoptic segments do not overlap" in w for w in report["warnings"])
+    assert "warning: 6 predicted images come from panoptic run(s) run-1" in output
 
 
 def test_perfect_predictions_give_ap_one(synthetic: dict[str, Any], tmp_path: Path) -> None:
@@ -219,6 +247,92 @@ def test_perfect_predictions_give_ap_one(synthetic: dict[str, Any], tmp_path: Pa
     assert run(config) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == 1.0
+
+
+def thing_rows(synthetic: dict[str, Any], task: str, run_id: str) -> list[dict[str, Any]]:
+    """Exact thing masks of every synthetic scene, as rows of one run of `task`."""
+    rows = []
+    for image, gt in synthetic["scenes"]:
+        things = [(m, c) for m, c in gt if c in THING_IDS]
+        segments = segments_of([m for m, _ in things], [c for _, c in things], [0.9] * len(things))
+        rows.append(pred_row(image["file_name"], segments, image["height"], image["width"], task=task, run_id=run_id))
+    return rows
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.0, None])
+def test_score_threshold_of_the_run_report_is_warned_about_for_ap(
+    threshold: float | None, synthetic: dict[str, Any], tmp_path: Path
+) -> None:
+    predictions = write_parts(tmp_path / "out", thing_rows(synthetic, "instance", "run-t"))
+    if threshold is not None:
+        with_run_report(predictions, "run-t", threshold)
+    gt = str(synthetic["root"] / "instances.json")
+    code, output, report = evaluate_cli(predictions, gt, "--gt-format", "coco-instances", "--json", "-")
+    assert code == 0, output
+    assert report["runs"] == [{"run_id": "run-t", "task": "instance", "images": 6, "score_threshold": threshold}]
+    warned = [w for w in report["warnings"] if "--score-threshold" in w]
+    if threshold:
+        assert warned == [
+            "run run-t (6 images) kept only segments scoring >= 0.5 (--score-threshold): mask AP ranks all "
+            "detections, up to 100 per image, so the threshold lowers AP; segment with --score-threshold 0 for "
+            "an AP comparable with COCO's"
+        ]
+        assert f"warning: {warned[0]}" in output
+    else:
+        assert warned == [] and report["warnings"] == []  # an unknown threshold (no report) is not warned about
+    # PQ is computed from thresholded panoptic output by design: no warning there.
+    panoptic = str(synthetic["root"] / "panoptic.json")
+    code, output, report = evaluate_cli(predictions, panoptic, "--json", "-")
+    assert code == 0 and not any("--score-threshold" in w for w in report["warnings"])
+
+
+def test_json_dash_prints_the_metrics_as_the_last_line_of_stdout(synthetic: dict[str, Any], tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["evaluate", synthetic["predictions"], str(synthetic["root"] / "panoptic.json"), "--json", "-"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1  # nothing but the JSON, in one line
+    report = json.loads(lines[-1])
+    assert set(report) == {"gt_format", "predictions", "ground_truth", "images", "runs", "warnings", "metrics"}
+    assert report["images"]["matched"] == 5
+    assert len(report["warnings"]) == 2  # one unmatched prediction, one GT image without prediction
+    assert "pq" in result.stderr and "Things" in result.stderr
+    assert "warning: 1 predicted images are not in the ground truth: not-in-gt.png" in result.stderr
+    # The same report as --json FILE writes.
+    out = tmp_path / "m.json"
+    code, output, from_file = evaluate_cli(
+        synthetic["predictions"], str(synthetic["root"] / "panoptic.json"), "--json", str(out)
+    )
+    assert code == 0 and from_file == report
+    assert "metrics written to" in output
+    # A bad input leaves stdout empty: a scheduler finds no JSON and the exit code says why.
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "nope"), str(out), "--json", "-"])
+    assert result.exit_code == 2 and result.stdout == "" and "predictions not found" in result.stderr
+
+
+def test_semantic_runs_are_refused_for_ap_and_warned_about_for_pq(synthetic: dict[str, Any], tmp_path: Path) -> None:
+    predictions = write_parts(tmp_path / "out", thing_rows(synthetic, "semantic", "run-s"))
+    instances = str(synthetic["root"] / "instances.json")
+    result = runner.invoke(app, ["evaluate", predictions, instances, "--gt-format", "coco-instances", "--json", "-"])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and "Traceback" not in result.output
+    assert "6 predicted images come from semantic run(s) run-s" in result.stderr
+    assert "not instance AP" in result.stderr
+    code, output, report = evaluate_cli(predictions, str(synthetic["root"] / "panoptic.json"), "--json", "-")
+    assert code == 0, output
+    assert report["warnings"] == [
+        "6 predicted images come from semantic run(s) run-s: a semantic segment merges every instance of its "
+        "class, so PQ Things is not panoptic PQ (PQ Stuff is)"
+    ]
+    # The semantic metric of a semantic run: nothing to warn about.
+    code, output, report = evaluate_cli(
+        predictions, str(synthetic["root"] / "semantic"), "--gt-format", "semantic", "--json", "-"
+    )
+    assert code == 0 and report["warnings"] == []
+    # An export is a conversion: it warns, and leaves the choice to whoever scores the file.
+    result = runner.invoke(app, ["export-coco", predictions, str(tmp_path / "r.json")])
+    assert result.exit_code == 0 and "warning: 6 predicted images come from semantic run(s)" in result.output
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,18 +625,27 @@ def test_miou_hand_built_with_categories_json_and_ignore(tmp_path: Path) -> None
 # ------------------------------------------------------------------------------------------------
 
 
-def test_export_coco_without_gt_uses_stable_ids(synthetic: dict[str, Any], tmp_path: Path) -> None:
+def test_export_coco_without_gt_uses_52_bit_ids_and_leaves_out_stuff(synthetic: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     result = runner.invoke(app, ["export-coco", synthetic["predictions"], str(out)])
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
     rows = synthetic["rows"]
-    assert len(results) == sum(len(r["segments"]) for r in rows)
-    expected_ids = {int(image_id(r["image_uri"])[:15], 16) for r in rows}
+    segments = [s for r in rows for s in r["segments"]]
+    things = [s for s in segments if s["is_thing"]]
+    assert 0 < len(things) < len(segments)  # the synthetic scenes have sky and ground
+    assert len(results) == len(things)
+    assert {r["category_id"] for r in results} <= set(THING_IDS)
+    expected_ids = {int(image_id(r["image_uri"])[:13], 16) for r in rows}
     assert {r["image_id"] for r in results} == expected_ids
-    assert stable_image_id(rows[0]["image_id"]) == int(rows[0]["image_id"][:15], 16)
+    assert stable_image_id(rows[0]["image_id"]) == int(rows[0]["image_id"][:13], 16)
+    assert all(0 < i < 2**52 for i in expected_ids)
+    # A reader that parses every number as a double (JavaScript, jq) gets the same ids.
+    as_doubles = json.loads(out.read_text(), parse_int=float)
+    assert [int(r["image_id"]) for r in as_doubles] == [r["image_id"] for r in results]
     assert all(isinstance(r["segmentation"]["counts"], str) for r in results)
     assert f"wrote {len(results)} results from 6 images" in result.output
+    assert f"{len(segments) - len(things)} stuff segments (is_thing false) left out" in result.output
     coco = COCO()
     coco.dataset = {"images": [{"id": i} for i in expected_ids], "annotations": [], "categories": []}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -536,7 +659,8 @@ def test_export_coco_with_gt_uses_its_ids_and_skips_unmatched(synthetic: dict[st
     gt = synthetic["root"] / "instances.json"
     assert export_coco(synthetic["predictions"], str(out), str(gt)) == 0
     results = json.loads(out.read_text())
-    assert len(results) == sum(len(r["segments"]) for r in synthetic["rows"][:5])  # not-in-gt.png skipped
+    things = [s for r in synthetic["rows"][:5] for s in r["segments"] if s["is_thing"]]  # not-in-gt.png skipped
+    assert len(results) == len(things)
     assert {r["image_id"] for r in results} == {1, 2, 3, 4, 5}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(str(gt))
@@ -547,6 +671,164 @@ def test_export_coco_with_gt_uses_its_ids_and_skips_unmatched(synthetic: dict[st
     assert decoded.shape == tuple(first["size"]) and decoded.any()
     result = runner.invoke(app, ["export-coco", synthetic["predictions"], str(out), "--gt", str(gt)])
     assert result.exit_code == 0 and "1 images skipped" in result.output
+
+
+def test_export_coco_refuses_two_images_on_one_52_bit_id(tmp_path: Path) -> None:
+    rows = [
+        pred_row("a.png", [], 10, 10) | {"image_id": "0123456789abc000"},
+        pred_row("b.png", [], 10, 10) | {"image_id": "0123456789abcfff"},  # the same first 13 hex digits
+    ]
+    predictions = write_parts(tmp_path / "out", rows)
+    result = runner.invoke(app, ["export-coco", predictions, str(tmp_path / "r.json")])
+    assert result.exit_code == 2
+    assert "share the first 13 hex digits" in result.output and "--gt" in result.output
+    result = runner.invoke(app, ["export-coco", predictions, str(tmp_path / "r.json"), "--format", "detections"])
+    assert result.exit_code == 2 and "--format must be one of" in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# export-coco --format panoptic, scored from its files
+# ------------------------------------------------------------------------------------------------
+
+
+def read_id_png(path: Path) -> np.ndarray:
+    """(H, W) segment ids of a COCO panoptic PNG, read as pq_compute reads it: the pixels as they are
+    stored, no mode conversion, so anything but a 3-channel RGB PNG fails here as it would there."""
+    pixels = np.array(Image.open(path), dtype=np.uint32)
+    assert pixels.ndim == 3 and pixels.shape[2] == 3, f"{path} is not an RGB PNG"
+    return pixels[..., 0] + 256 * pixels[..., 1] + 256 * 256 * pixels[..., 2]
+
+
+def panoptic_files_pq(gt_json: Path, pred_json: Path) -> dict[str, Any]:
+    """PQ / SQ / RQ of COCO panoptic prediction files against COCO panoptic GT files.
+
+    Written from the format's definition: each JSON's PNG folder is the JSON's path without
+    `.json`; annotations meet by image_id and every GT image needs a prediction; the ids in a
+    predicted PNG (0 = void) and its segments_info must be the same set, and every predicted
+    category must be a GT category. A GT and a predicted segment of one category match when
+    IoU > 0.5, the union leaving out predicted pixels on void; unmatched predictions lying more
+    than half on void or on a crowd region of their category are not false positives.
+    """
+    gt, pred = json.loads(gt_json.read_text()), json.loads(pred_json.read_text())
+    gt_dir, pred_dir = gt_json.with_suffix(""), pred_json.with_suffix("")
+    isthing = {c["id"]: bool(c["isthing"]) for c in gt["categories"]}
+    predictions = {a["image_id"]: a for a in pred["annotations"]}
+    tally: dict[int, list[float]] = defaultdict(lambda: [0.0, 0, 0, 0])  # category -> [iou sum, tp, fp, fn]
+    for gt_ann in gt["annotations"]:
+        pred_ann = predictions[gt_ann["image_id"]]
+        gt_ids = read_id_png(gt_dir / gt_ann["file_name"])
+        pred_ids = read_id_png(pred_dir / pred_ann["file_name"])
+        assert gt_ids.shape == pred_ids.shape
+        gt_segments = {s["id"]: s for s in gt_ann["segments_info"]}
+        pred_segments = {s["id"]: s for s in pred_ann["segments_info"]}
+        assert set(np.unique(pred_ids).tolist()) - {0} == set(pred_segments), "PNG and segments_info disagree"
+        assert all(s["category_id"] in isthing for s in pred_segments.values()), "unknown category"
+        void = gt_ids == 0
+        matched_gt, matched_pred = set(), set()
+        for g, gs in gt_segments.items():
+            if gs.get("iscrowd", 0):
+                continue
+            for p, ps in pred_segments.items():
+                if gs["category_id"] != ps["category_id"]:
+                    continue
+                g_mask, p_mask = gt_ids == g, pred_ids == p
+                inter = int((g_mask & p_mask).sum())
+                union = int(g_mask.sum() + p_mask.sum()) - inter - int((p_mask & void).sum())
+                if inter / union > 0.5:
+                    tally[gs["category_id"]][0] += inter / union
+                    tally[gs["category_id"]][1] += 1
+                    matched_gt.add(g)
+                    matched_pred.add(p)
+        for g, gs in gt_segments.items():
+            if g not in matched_gt and not gs.get("iscrowd", 0):
+                tally[gs["category_id"]][3] += 1
+        for p, ps in pred_segments.items():
+            if p in matched_pred:
+                continue
+            p_mask = pred_ids == p
+            crowd = [
+                g for g, gs in gt_segments.items() if gs.get("iscrowd", 0) and gs["category_id"] == ps["category_id"]
+            ]
+            ignored = int((p_mask & (void | np.isin(gt_ids, crowd))).sum())
+            if ignored / p_mask.sum() <= 0.5:
+                tally[ps["category_id"]][2] += 1
+
+    def average(things: bool | None) -> dict[str, float]:
+        values = []
+        for c, thing in isthing.items():
+            iou, tp, fp, fn = tally.get(c, [0.0, 0, 0, 0])
+            if (things is None or thing == things) and tp + fp + fn:
+                values.append((iou / (tp + fp / 2 + fn / 2), iou / tp if tp else 0.0, tp / (tp + fp / 2 + fn / 2)))
+        pq, sq, rq = np.mean(values, axis=0) if values else (0.0, 0.0, 0.0)
+        return {"pq": pq, "sq": sq, "rq": rq, "n": len(values)}
+
+    return {"All": average(None), "Things": average(True), "Stuff": average(False)}
+
+
+def test_panoptic_export_scores_like_evaluate(synthetic: dict[str, Any], tmp_path: Path) -> None:
+    gt = synthetic["root"] / "panoptic.json"
+    out = tmp_path / "panoptic_pred.json"
+    result = runner.invoke(
+        app, ["export-coco", synthetic["predictions"], str(out), "--gt", str(gt), "--format", "panoptic"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote 6 panoptic annotations" in result.output  # five predicted, and the sixth GT image empty
+    assert "1 ground-truth images have no ok prediction: written as empty" in result.output
+    document = json.loads(out.read_text())
+    assert sorted(a["image_id"] for a in document["annotations"]) == [1, 2, 3, 4, 5, 6]
+    assert document["categories"] == json.loads(gt.read_text())["categories"]
+    assert sorted(p.name for p in (tmp_path / "panoptic_pred").iterdir()) == sorted(
+        a["file_name"] for a in document["annotations"]
+    )
+    code, output, report = evaluate_cli(synthetic["predictions"], str(gt), "--json", "-")
+    assert code == 0, output
+    assert_groups(report["metrics"], panoptic_files_pq(gt, out))
+    assert 0.2 < report["metrics"]["All"]["pq"] < 0.95
+
+
+def test_panoptic_export_encodes_ids_and_lists_only_visible_segments(tmp_path: Path) -> None:
+    _, _, gt = hand_gt()
+    inner = np.zeros((10, 10), dtype=bool)
+    inner[2:3, 2:3] = True  # inside the circle, with a lower score: hidden where masks overlap
+    segments = segments_of([gt["circle"], gt["sky"], gt["ground"], inner], [1, 4, 5, 2], [0.9, 0.8, 0.7, 0.6])
+    for segment, new_id in zip(segments, [CIRCLE_ID, SKY_ID, GROUND_ID, 9], strict=True):
+        segment["id"] = new_id  # ids in all three PNG channels
+    predictions = write_parts(tmp_path / "out", [pred_row("a.jpg", segments, 10, 10, task="instance")])
+    out = tmp_path / "pan.json"
+    assert export_coco(predictions, str(out), result_format="panoptic") == 0
+    document = json.loads(out.read_text())
+    (annotation,) = document["annotations"]
+    stable = stable_image_id(image_id(f"{IMAGE_DIR}/a.jpg"))
+    assert annotation["image_id"] == stable and annotation["file_name"] == "a.png"
+    assert document["images"] == [{"id": stable, "file_name": "a.jpg", "height": 10, "width": 10}]
+    ids = read_id_png(tmp_path / "pan" / "a.png")
+    assert set(np.unique(ids).tolist()) == {CIRCLE_ID, SKY_ID, GROUND_ID}
+    np.testing.assert_array_equal(ids == CIRCLE_ID, gt["circle"])
+    info = {s["id"]: s for s in annotation["segments_info"]}
+    assert set(info) == {CIRCLE_ID, SKY_ID, GROUND_ID}  # the hidden segment 9 is not listed
+    assert info[CIRCLE_ID] | {"score": None} == {
+        "id": CIRCLE_ID,
+        "category_id": 1,
+        "iscrowd": 0,
+        "isthing": True,
+        "area": 9,
+        "bbox": [1, 1, 3, 3],
+        "score": None,
+    }
+    assert info[SKY_ID]["area"] == 50 - 9 and info[SKY_ID]["isthing"] is False
+    assert [c["id"] for c in document["categories"]] == [1, 2, 4, 5]  # those the segments name
+    # Scored from its own files (the export is a valid panoptic GT too): a perfect match.
+    metrics = panoptic_files_pq(out, out)
+    assert metrics["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 3}
+    # Against a GT, segments of categories it does not list are refused, as pq_compute refuses them.
+    gt_json = write_panoptic_gt(tmp_path, ["a.jpg"])
+    data = json.loads(gt_json.read_text())
+    data["categories"] = [c for c in data["categories"] if c["id"] != 2]
+    gt_json.write_text(json.dumps(data))
+    result = runner.invoke(app, ["export-coco", predictions, str(out), "--gt", str(gt_json), "--format", "panoptic"])
+    assert result.exit_code == 2 and "category ids [2] are not among the categories" in result.output
+    result = runner.invoke(app, ["export-coco", predictions, str(tmp_path / "pan.txt"), "--format", "panoptic"])
+    assert result.exit_code == 2 and "must end in .json" in result.output
 
 
 # ------------------------------------------------------------------------------------------------
