@@ -32,6 +32,19 @@ def quiet_worker_logs() -> None:
         pass
 
 
+def _no_auto_init() -> None:
+    """Ray starts (or joins) a cluster by itself when a Ray call finds none; for a job that has shut its
+    Ray down on purpose, a late call from a library thread must fail, not start a second Ray. The switch is
+    read from RAY_ENABLE_AUTO_CONNECT when Ray is imported, so set it on the loaded module as well."""
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    try:
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+    except (ImportError, AttributeError):
+        pass
+
+
 def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     """Connect to `address` (an existing cluster), reuse an in-process Ray, or start a local one.
 
@@ -40,6 +53,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     import ray
 
     quiet_worker_logs()
+    _no_auto_init()
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -35,6 +35,8 @@ PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small eno
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
 PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
 
+log = logging.getLogger(__name__)
+
 
 # --- Ray ------------------------------------------------------------------------------------------
 
@@ -185,11 +187,25 @@ def stream_results(
         puller.join(1.0)
         writer.flush_if_due()
         progress.tick()
+        if not stop.requested and time.monotonic() - state["last"] > stall_timeout:
+            stop.stall(explain(time.monotonic() - state["last"]))
         if stop.requested:
-            return
-        idle = time.monotonic() - state["last"]
-        if idle > stall_timeout:
-            stop.stall(explain(idle))
+            stop_execution(ds, puller)
             return
     if state["error"] is not None and not stop.requested:
         raise state["error"]
+
+
+def stop_execution(ds: Any, puller: threading.Thread, wait: float = 5.0) -> None:
+    """End a dataset's streaming execution that is still running (a stop or a stall), before Ray is shut
+    down: left alone, its executor thread goes on calling Ray after the shutdown and starts or joins a
+    second Ray. Ray Data offers no public way to stop an `iter_batches` another thread is blocked in;
+    `_current_executor` is where Ray 2.x keeps it (checked on 2.60), so this degrades to nothing if it moves.
+    """
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(force=True)
+        except Exception:
+            log.debug("stopping Ray Data's executor failed", exc_info=True)
+    puller.join(wait)

@@ -25,7 +25,8 @@ Layout of OUTPUT:
     _runs/<run_id>.json               the run report: "running" from the start, then how it ended
     _runs/<run_id>.log                the run's log: warnings, and failures with their tracebacks
     _runs/<run_id>-work/              the run's work manifest, removed when the run ends
-    _previews/<image_id>.png          overlays (--preview N)
+    _previews/<stem>-<image_id>.png   overlays of the first N listed images (--preview N)
+    _previews/index.html              those overlays with each image's URI and segments
     _quarantine/                      unreadable part files found on resume, moved out of the dataset
 
 How a run ends (the exit code, the report's "status"): 0 or 1 "completed" (error rate within
@@ -454,7 +455,8 @@ class SegmentRun:
                 )
             )
             if previews:
-                self.say(f"  previews: {qualify(self.fs, posixpath.join(self.root, PREVIEWS_DIR))} ({previews} PNGs)")
+                index = qualify(self.fs, posixpath.join(self.root, PREVIEWS_DIR, "index.html"))
+                self.say(f"  previews: {index} ({previews} PNGs)")
             if exit_code == 1:
                 self.say(
                     f"error rate {counts.error_rate:.4f} ({counts.error} errors, {counts.ok + counts.already_done} ok) "
@@ -502,6 +504,7 @@ class SegmentRun:
                 self.fs,
                 self.root,
                 self.config.preview,
+                uris=dataclasses.replace(self.listing).uris(),  # the first N listed; a copy keeps the counts
                 endpoint_url=self.config.endpoint_url,
                 storage_options_json=self.config.storage_options_json,
                 max_pixels=self.config.max_pixels,
