@@ -233,6 +233,7 @@ class SegmentRun:
             failure = e
             if e.exit_code == 2:
                 self.say(f"error: {e}", err=True)
+                self._unplan()
                 self.log.close()
                 if self.config.json:
                     invalid = {"run_id": self.run_id, "status": "invalid", "exit_code": 2, "error": str(e)}
@@ -401,6 +402,15 @@ class SegmentRun:
                 self.stats = ray_data_stats(ds, start)
             clock = time.perf_counter()
         self.timings["ray_stop"] = time.perf_counter() - clock
+
+    def _unplan(self) -> None:
+        """A bad argument found once Ray answered (a joined cluster without a GPU): take back the work
+        manifest and the 'running' report, so that a bad argument leaves nothing behind."""
+        if self.fs is None or self.report is None:
+            return
+        for path in (self.work_dir, self.report_path):
+            with contextlib.suppress(Exception):
+                self.fs.rm(path, recursive=True)
 
     def _close_writer(self, writer: PartWriter) -> None:
         """Commit what the writer holds; after a stop, only within the grace period."""
