@@ -153,7 +153,7 @@ def segment(
     rate above --max-error-rate, 2 bad arguments, 3 storage/cluster/model failure or a stall, 130/143
     cancelled by SIGINT/SIGTERM. After any of them but 2, re-running the same command resumes.
     """
-    from jobs.segment import SegmentConfig, run
+    from m2f.jobs.segment import SegmentConfig, run
 
     values = merged_options(ctx, config_file)
     required(values, "input", "output")
@@ -205,7 +205,7 @@ def train(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Fine-tune (or train from scratch) on Ray Train; resumes from OUTPUT's latest checkpoint."""
-    from jobs.train import TrainConfig, run
+    from m2f.jobs.train import TrainConfig, run
 
     values = merged_options(ctx, config_file)
     required(values, "data", "output")
@@ -251,7 +251,7 @@ def evaluate(
     Warns (stderr, and "warnings" in the JSON) when the run's task or --score-threshold biases the metric;
     semantic predictions against coco-instances are refused (exit 2): their AP is not instance AP.
     """
-    from jobs.evaluate import EvaluateConfig, run
+    from m2f.jobs.evaluate import EvaluateConfig, run
 
     raise typer.Exit(
         run(
@@ -294,7 +294,7 @@ def export_coco(
     Without --gt, image ids are int(image_id[:13], 16): 52 bits, so every JSON reader keeps them exact;
     stable, but not those of any COCO file.
     """
-    from jobs.evaluate import export_coco as export
+    from m2f.jobs.evaluate import export_coco as export
 
     raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options, result_format))
 
@@ -308,8 +308,8 @@ def synth(
     storage_options: StorageOpt = None,
 ) -> None:
     """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
-    from pipeline.storage import storage_options as make_options
-    from pipeline.synthetic import generate
+    from m2f.pipeline.storage import storage_options as make_options
+    from m2f.pipeline.synthetic import generate
 
     summary = generate(output, n, seed, storage_options=make_options(output, endpoint_url, storage_options))
     typer.echo(

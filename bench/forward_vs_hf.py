@@ -51,7 +51,7 @@ def hf_model(name: str):
 
 
 def bench(name: str, sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
-    import model as m2f
+    from m2f import model as m2f
 
     hf = hf_model(name)
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,8 +46,8 @@ SMOKE = {"sizes": "64x64", "batches": "1,2", "warmup": 1, "iters": 2, "pipeline_
 def model_config(preset: str, smoke: bool = False) -> Any:
     """The preset's config; with `smoke`, the same backbone family shrunk to a few thousand parameters at
     64-128 px, so the CPU smoke run goes through the same code (ResNet and Swin)."""
-    from model.config import DecoderConfig, PixelDecoderConfig, PreprocessConfig, ResNetConfig, SwinConfig
-    from model.presets import PRESETS
+    from m2f.model.config import DecoderConfig, PixelDecoderConfig, PreprocessConfig, ResNetConfig, SwinConfig
+    from m2f.model.presets import PRESETS
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
@@ -94,7 +94,7 @@ def time_forward(
     net: torch.nn.Module, x: torch.Tensor, precision: str, *, warmup: int, iters: int
 ) -> tuple[list[float], float | None]:
     """Seconds per forward pass of `x` (B, 3, H, W) after `warmup` passes, and the peak GPU memory in GB."""
-    from pipeline.infer import PRECISIONS
+    from m2f.pipeline.infer import PRECISIONS
 
     device, dtype = x.device, PRECISIONS[precision]
     if device.type == "cuda":
@@ -126,8 +126,8 @@ def forward_rows(
     smoke: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per size x precision x batch: images/s, ms per pass, TFLOP/s, peak memory (or OOM)."""
-    from model import build_model
-    from model.preprocess import padded_size
+    from m2f.model import build_model
+    from m2f.model.preprocess import padded_size
 
     config = model_config(preset, smoke)
     torch.manual_seed(0)

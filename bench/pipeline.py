@@ -62,7 +62,7 @@ TARGET_RATIO = 0.9  # issue 5: the pipeline at >= 90 % of the bare loop's images
 
 def micro_config() -> Any:
     """A Mask2Former of a few thousand parameters on 64-128 px inputs: the smoke tests' model."""
-    from model.config import (
+    from m2f.model.config import (
         DecoderConfig,
         ModelConfig,
         PixelDecoderConfig,
@@ -89,8 +89,8 @@ def micro_config() -> Any:
 def demo_architecture_config() -> Any:
     """The bundled demo model's architecture and classes (`m2f train --arch tiny --image-size 256` on the
     synthetic scenes), for random weights while model/assets/demo.safetensors does not exist."""
-    from model.config import ModelConfig, PostprocessConfig, PreprocessConfig
-    from model.presets import ARCHITECTURES
+    from m2f.model.config import ModelConfig, PostprocessConfig, PreprocessConfig
+    from m2f.model.presets import ARCHITECTURES
 
     arch = ARCHITECTURES["tiny"]
     names, is_thing, ids = _synthetic_classes()
@@ -109,7 +109,7 @@ def demo_architecture_config() -> Any:
 
 
 def _synthetic_classes() -> tuple[tuple[str, ...], tuple[bool, ...], tuple[int, ...]]:
-    from pipeline.synthetic import SYNTHETIC_CATEGORIES
+    from m2f.pipeline.synthetic import SYNTHETIC_CATEGORIES
 
     return (
         tuple(c["name"] for c in SYNTHETIC_CATEGORIES),
@@ -120,7 +120,7 @@ def _synthetic_classes() -> tuple[tuple[str, ...], tuple[bool, ...], tuple[int, 
 
 def save_random(config: Any, path: Path, seed: int = 0) -> str:
     """`config` with random weights (seeded) saved in the project's format at `path`; returns the path."""
-    from model import build_model, save
+    from m2f.model import build_model, save
 
     torch.manual_seed(seed)
     save(build_model(config), path)
@@ -129,7 +129,7 @@ def save_random(config: Any, path: Path, seed: int = 0) -> str:
 
 def resolve_model(name: str, folder: Path) -> tuple[str, str]:
     """`--model` -> (what to pass as `--model`, a description for the results). Random models go to `folder`."""
-    from model import DEMO_MODEL
+    from m2f.model import DEMO_MODEL
 
     if name == "demo" and DEMO_MODEL.exists():
         return "demo", f"bundled demo model ({DEMO_MODEL.name})"
@@ -153,7 +153,7 @@ def write_images(
     `distinct` scenes (default: n) are drawn with `pipeline.synthetic.generate` and repeated in turn to make up
     `n` files; each file is its own URI and so its own row.
     """
-    from pipeline.synthetic import generate
+    from m2f.pipeline.synthetic import generate
 
     k = n if distinct is None else max(1, min(n, distinct))
     with tempfile.TemporaryDirectory() as scratch:
@@ -167,7 +167,7 @@ def write_images(
 
 def listed_uris(input: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """The image URIs `m2f segment` lists under `input`, in its order."""
-    from pipeline.sources import list_inputs
+    from m2f.pipeline.sources import list_inputs
 
     return list(list_inputs(input, storage_options or {}).uris())
 
@@ -240,14 +240,14 @@ def bare_loop(
     `model.load`, reading + decoding + resizing, the model (to_batch + forward + postprocess) and encoding,
     and the total segment count.
     """
-    import model as m2f
-    from jobs.dataflow import ACTOR_BATCHES
-    from model.postprocess import postprocess
-    from model.preprocess import group_by_padded_size, resize_image, to_batch
-    from pipeline.decode import decode_image
-    from pipeline.encode import encode_segments, image_stats
-    from pipeline.infer import PRECISIONS
-    from pipeline.storage import open_fs
+    from m2f import model as m2f
+    from m2f.jobs.dataflow import ACTOR_BATCHES
+    from m2f.model.postprocess import postprocess
+    from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
+    from m2f.pipeline.decode import decode_image
+    from m2f.pipeline.encode import encode_segments, image_stats
+    from m2f.pipeline.infer import PRECISIONS
+    from m2f.pipeline.storage import open_fs
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -359,8 +359,8 @@ def run_pipeline(
     """
     import ray
 
-    from jobs.cluster import connect
-    from jobs.segment import SegmentConfig, run
+    from m2f.jobs.cluster import connect
+    from m2f.jobs.segment import SegmentConfig, run
 
     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else ray_cpus or os.cpu_count() or 1
     if actors * threads > cpus - 1:
@@ -398,7 +398,7 @@ def run_pipeline(
     if code != 0:
         raise RuntimeError(f"m2f segment {input} {output} exited with {code}")
 
-    from pipeline.storage import storage_options
+    from m2f.pipeline.storage import storage_options
 
     fs, root = fsspec.core.url_to_fs(output, **storage_options(output, endpoint_url, storage_options_json))
     fs.invalidate_cache()
@@ -473,7 +473,7 @@ def bench(
             endpoint = stack.enter_context(moto_s3(workdir))
             options_json = moto_options_json()
             bucket = new_bucket(endpoint)
-            from pipeline.storage import storage_options
+            from m2f.pipeline.storage import storage_options
 
             upload_folder(images, f"s3://{bucket}/images", storage_options("s3://", endpoint, options_json))
         for r in range(repeats):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from jobs.lifecycle import Stop
+    from m2f.jobs.lifecycle import Stop
 
 # Ray Train's placement-group cleaner polls the State API, which needs the dashboard (ray[default]);
 # without it, it warns every second for the whole run. Progress is ours to report.
@@ -61,7 +61,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
         "include_dashboard": False,
         "logging_level": logging.WARNING,
         "log_to_driver": True,
-        "runtime_env": {"worker_process_setup_hook": "jobs.cluster.quiet_worker_logs"},
+        "runtime_env": {"worker_process_setup_hook": "m2f.jobs.cluster.quiet_worker_logs"},
     }
     if address:
         ray.init(address=address, **kwargs)

@@ -38,10 +38,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
-from jobs.report import error_category
-from jobs.resume import ids_to_keys, parquet_bytes
-from pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
-from pipeline.storage import write_atomic
+from m2f.jobs.report import error_category
+from m2f.jobs.resume import ids_to_keys, parquet_bytes
+from m2f.pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
+from m2f.pipeline.storage import write_atomic
 
 FLUSH_SECONDS = 30.0  # the longest a finished row waits in the driver before it is committed
 MAX_QUEUED = 2  # files waiting for the upload thread before add() blocks

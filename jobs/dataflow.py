@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.compute as pc
 
-from jobs.commit import PartWriter
-from jobs.lifecycle import Stop
-from jobs.progress import Progress
-from jobs.resume import WorkPlan, read_work_files
-from model.config import PreprocessConfig
-from pipeline.infer import Segmenter, prepare_images
-from pipeline.schema import STATUS_OK
-from pipeline.storage import storage_options
+from m2f.jobs.commit import PartWriter
+from m2f.jobs.lifecycle import Stop
+from m2f.jobs.progress import Progress
+from m2f.jobs.resume import WorkPlan, read_work_files
+from m2f.model.config import PreprocessConfig
+from m2f.pipeline.infer import Segmenter, prepare_images
+from m2f.pipeline.schema import STATUS_OK
+from m2f.pipeline.storage import storage_options
 
 if TYPE_CHECKING:
-    from jobs.segment import SegmentConfig
+    from m2f.jobs.segment import SegmentConfig
 
 PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes

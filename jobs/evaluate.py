@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from PIL import Image
 
-from pipeline.metrics import (
+from m2f.pipeline.metrics import (
     ConfusionMatrix,
     PQAccumulator,
     coco_mask_ap,
@@ -68,8 +68,8 @@ from pipeline.metrics import (
     segments_to_id_map,
     to_coco_results,
 )
-from pipeline.schema import STATUS_OK
-from pipeline.storage import open_fs, storage_options, write_atomic
+from m2f.pipeline.schema import STATUS_OK
+from m2f.pipeline.storage import open_fs, storage_options, write_atomic
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 GT_FORMATS = ("coco-instances", "coco-panoptic", "semantic")

@@ -128,7 +128,7 @@ class RunLog:
         self._handler = logging.FileHandler(self.path, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter(self.FORMAT))
         self._handler.setLevel(logging.INFO)
-        self._loggers = [logging.getLogger(name) for name in ("jobs", "pipeline", "model")]
+        self._loggers = [logging.getLogger(name) for name in ("m2f",)]
         self._saved = [(logger.level, logger.propagate) for logger in self._loggers]
         for logger in self._loggers:  # ours go to the file only: the terminal gets one line per event
             logger.addHandler(self._handler)

@@ -1,6 +1,6 @@
 """Scoring a checkpoint in-process on a COCO-panoptic dataset: PQ and mask AP, no Ray.
 
-This is how the demo model's figures are measured (`python -m jobs.quality MODEL DATA`) and how
+This is how the demo model's figures are measured (`python -m m2f.jobs.quality MODEL DATA`) and how
 the test suite checks that the shipped model still meets a floor. The batch path (`m2f segment`
 then `m2f evaluate`) gives the same numbers over Parquet; this one needs no cluster.
 """
@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-import model as m2f
-from model.postprocess import postprocess
-from model.preprocess import resize_image, to_batch
-from pipeline.datasets import CocoPanoptic
-from pipeline.encode import encode_segments
-from pipeline.metrics import PQAccumulator, coco_mask_ap
+from m2f import model as m2f
+from m2f.model.postprocess import postprocess
+from m2f.model.preprocess import resize_image, to_batch
+from m2f.pipeline.datasets import CocoPanoptic
+from m2f.pipeline.encode import encode_segments
+from m2f.pipeline.metrics import PQAccumulator, coco_mask_ap
 
 
 def score(net: m2f.Mask2Former, data: str, *, limit: int | None = None) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def score(net: m2f.Mask2Former, data: str, *, limit: int | None = None) -> dict[
 
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
-        raise SystemExit("usage: python -m jobs.quality MODEL DATA [LIMIT]")
+        raise SystemExit("usage: python -m m2f.jobs.quality MODEL DATA [LIMIT]")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     net = m2f.load(argv[0])
     print(json.dumps(score(net, argv[1], limit=int(argv[2]) if len(argv) > 2 else None), indent=1))

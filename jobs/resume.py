@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.preview import PREVIEWS_DIR
-from pipeline.schema import STATUS_ERROR, STATUS_OK
-from pipeline.sources import Listing
-from pipeline.storage import is_temporary, open_fs, remove_temporaries, storage_options, with_retries, write_atomic
+from m2f.pipeline.preview import PREVIEWS_DIR
+from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK
+from m2f.pipeline.sources import Listing
+from m2f.pipeline.storage import is_temporary, open_fs, remove_temporaries, storage_options, with_retries, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +172,21 @@ def drop_rows(fs: AbstractFileSystem, paths: list[str], pending: np.ndarray, ok_
         keys = ids_to_keys(table["image_id"])
         error = pc.equal(table["status"], STATUS_ERROR).to_numpy(zero_copy_only=False)
         drop = isin_sorted(keys, pending) | (error & isin_sorted(keys, ok_keys))
-        if not drop.any():
-            continue
-        removed += int(drop.sum())
-        if drop.all():
-            fs.rm(path)
-        else:
-            kept = _read_columns(fs, path).filter(pa.array(~drop))
-            write_atomic(fs, path, parquet_bytes(kept))
+        removed += _remove_rows(fs, path, drop)
     return removed
+
+
+def _remove_rows(fs: AbstractFileSystem, path: str, drop: np.ndarray) -> int:
+    """Rewrite the part file at `path` without the rows where `drop` (N,) is True (atomically), or delete
+    it when no row is left; returns how many rows went."""
+    if not drop.any():
+        return 0
+    if drop.all():
+        fs.rm(path)
+    else:
+        kept = _read_columns(fs, path).filter(pa.array(~drop))
+        write_atomic(fs, path, parquet_bytes(kept))
+    return int(drop.sum())
 
 
 def supersede(
@@ -201,14 +207,7 @@ def supersede(
             kept_run = pc.is_in(table["run_id"], pa.array(sorted(keep_runs), pa.string()))
             keep = pc.and_(kept_run, pc.equal(table["status"], STATUS_OK)).to_numpy(zero_copy_only=False)
             drop &= ~keep
-        if not drop.any():
-            continue
-        removed += int(drop.sum())
-        if drop.all():
-            fs.rm(path)
-        else:
-            kept = _read_columns(fs, path).filter(pa.array(~drop))
-            write_atomic(fs, path, parquet_bytes(kept))
+        removed += _remove_rows(fs, path, drop)
     return removed
 
 

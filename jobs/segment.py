@@ -55,13 +55,13 @@ from typing import Any
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from jobs.cluster import ray_session
-from jobs.commit import FLUSH_SECONDS, Commit, PartWriter
-from jobs.dataflow import build_dataset, capacity_warnings, explain_stall, resolve_device, stream_results
-from jobs.lifecycle import GRACE_SECONDS, STALL_TIMEOUT, Cancelled, RunLog, Stop, Terminal, handling_signals
-from jobs.progress import Progress
-from jobs.report import RunCounts, build_report, ray_data_stats, summary_table
-from jobs.resume import (
+from m2f.jobs.cluster import ray_session
+from m2f.jobs.commit import FLUSH_SECONDS, Commit, PartWriter
+from m2f.jobs.dataflow import build_dataset, capacity_warnings, explain_stall, resolve_device, stream_results
+from m2f.jobs.lifecycle import GRACE_SECONDS, STALL_TIMEOUT, Cancelled, RunLog, Stop, Terminal, handling_signals
+from m2f.jobs.progress import Progress
+from m2f.jobs.report import RunCounts, build_report, ray_data_stats, summary_table
+from m2f.jobs.resume import (
     RUNS_DIR,
     Existing,
     drop_rows,
@@ -70,11 +70,11 @@ from jobs.resume import (
     scan_output,
     supersede,
 )
-from model.config import TASKS
-from pipeline.infer import PRECISIONS, model_label, scrub, secret_values
-from pipeline.preview import PREVIEWS_DIR
-from pipeline.sources import list_inputs
-from pipeline.storage import (
+from m2f.model.config import TASKS
+from m2f.pipeline.infer import PRECISIONS, model_label, scrub, secret_values
+from m2f.pipeline.preview import PREVIEWS_DIR
+from m2f.pipeline.sources import list_inputs
+from m2f.pipeline.storage import (
     StorageError,
     open_fs,
     qualify,
@@ -507,7 +507,7 @@ class SegmentRun:
     def _previews(self) -> int:
         if not self.config.preview:
             return 0
-        from pipeline.preview import write_previews
+        from m2f.pipeline.preview import write_previews
 
         try:
             return write_previews(
@@ -627,7 +627,7 @@ def _parsed_options(options_json: str | None) -> dict[str, Any]:
 def _probe_model(config: SegmentConfig, options: dict[str, Any]) -> dict[str, Any]:
     """Load the checkpoint once in the driver (CPU) for what the plan needs: name, checksum, default task,
     preprocessing. A checkpoint that does not load stops the job here, before any work starts."""
-    import model as m2f_model
+    from m2f import model as m2f_model
 
     try:
         net = m2f_model.load(config.model, "cpu", preset=config.preset, storage_options=options)

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.cluster import connect
-from pipeline.storage import open_fs, redact, storage_options, write_atomic
+from m2f.jobs.cluster import connect
+from m2f.pipeline.storage import open_fs, redact, storage_options, write_atomic
 
 KEEP_CHECKPOINTS = 3
 
@@ -74,7 +74,7 @@ class TrainConfig:
 
 def open_dataset(cfg: TrainConfig):
     """The dataset reader for `cfg.format`, with the synthetic/COCO default layout under DATA."""
-    from pipeline import datasets
+    from m2f.pipeline import datasets
 
     root = cfg.data.rstrip("/")
     opts = cfg.options(root)
@@ -102,9 +102,9 @@ def default_task(fmt: str) -> str:
 
 def build_for_training(cfg: TrainConfig, categories: list[dict]) -> tuple[Any, list[str]]:
     """The model to train and the keys that start fresh (a re-initialised class head)."""
-    import model as m2f
-    from model.config import ModelConfig, PreprocessConfig
-    from model.presets import ARCHITECTURES
+    from m2f import model as m2f
+    from m2f.model.config import ModelConfig, PreprocessConfig
+    from m2f.model.presets import ARCHITECTURES
 
     names = tuple(c["name"] for c in categories)
     is_thing = tuple(bool(c.get("isthing", 1)) for c in categories)
@@ -195,7 +195,7 @@ def write_checkpoint(
     cfg: TrainConfig, model: torch.nn.Module, state: dict[str, Any], step: int, metrics_lines: list[str]
 ) -> str:
     """Model + trainer state, then metrics, then latest.json (the commit point)."""
-    from model.checkpoint import to_bytes
+    from m2f.model.checkpoint import to_bytes
 
     opts = cfg.options(cfg.output)
     out = cfg.output.rstrip("/")
@@ -244,9 +244,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     from tqdm import tqdm
 
-    from model.criterion import LossConfig, SetCriterion
-    from model.safe_pickle import load_torch
-    from pipeline.augment import collate, large_scale_jitter, random_flip
+    from m2f.model.criterion import LossConfig, SetCriterion
+    from m2f.model.safe_pickle import load_torch
+    from m2f.pipeline.augment import collate, large_scale_jitter, random_flip
 
     cfg = TrainConfig(**loop_config)
     ctx = ray.train.get_context()
@@ -268,7 +268,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start, state, metrics_lines = 0, None, []
     latest = read_latest(cfg)
     if latest:
-        import model as m2f
+        from m2f import model as m2f
 
         out = cfg.output.rstrip("/")
         restored = m2f.load(f"{out}/{latest['model']}", storage_options=cfg.options(cfg.output))
@@ -354,7 +354,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state = {"optimizer": optimizer.state_dict(), "step": done}
             write_checkpoint(cfg, inner, state, done, metrics_lines)
             if done == total:
-                from model.checkpoint import to_bytes
+                from m2f.model.checkpoint import to_bytes
 
                 fs, path = open_fs(f"{cfg.output.rstrip('/')}/model.safetensors", cfg.options(cfg.output))
                 write_atomic(fs, path, to_bytes(inner))

@@ -5,9 +5,9 @@ takes (B, 3, H, W) normalised with the model's mean/std and returns `class_logit
 `mask_logits` (B, Q, H/4, W/4) (plus `aux`, the earlier decoder predictions).
 """
 
-from model.checkpoint import DEMO_MODEL, load, save
-from model.config import ModelConfig
-from model.mask2former import Mask2Former, Mask2FormerOutput, build_model
-from model.presets import PRESETS
+from m2f.model.checkpoint import DEMO_MODEL, load, save
+from m2f.model.config import ModelConfig
+from m2f.model.mask2former import Mask2Former, Mask2FormerOutput, build_model
+from m2f.model.presets import PRESETS
 
 __all__ = ["DEMO_MODEL", "PRESETS", "Mask2Former", "Mask2FormerOutput", "ModelConfig", "build_model", "load", "save"]

@@ -24,12 +24,12 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from model import convert_detectron2 as d2
-from model import convert_hf as hf
-from model.config import ModelConfig
-from model.keymap import CheckpointMismatch, load_exact, rename
-from model.mask2former import Mask2Former, build_model
-from model.safe_pickle import load_pickle, load_torch
+from m2f.model import convert_detectron2 as d2
+from m2f.model import convert_hf as hf
+from m2f.model.config import ModelConfig
+from m2f.model.keymap import CheckpointMismatch, load_exact, rename
+from m2f.model.mask2former import Mask2Former, build_model
+from m2f.model.safe_pickle import load_pickle, load_torch
 
 FORMAT_TAG = "m2f"
 FORMAT_VERSION = 1

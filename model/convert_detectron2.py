@@ -14,7 +14,7 @@ import re
 import torch
 from torch import Tensor
 
-from model.config import (
+from m2f.model.config import (
     DecoderConfig,
     ModelConfig,
     PixelDecoderConfig,
@@ -22,8 +22,8 @@ from model.config import (
     ResNetConfig,
     SwinConfig,
 )
-from model.keymap import CheckpointMismatch, KeyMap
-from model.presets import PRESETS, class_metadata, dataset_names, preprocess_for
+from m2f.model.keymap import CheckpointMismatch, KeyMap
+from m2f.model.presets import PRESETS, class_metadata, dataset_names, preprocess_for
 
 PD_NAME, PR_NAME = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
 PD, PR = re.escape(PD_NAME), re.escape(PR_NAME)
@@ -223,7 +223,7 @@ def is_detectron2(keys: set[str]) -> bool:
 
 
 def to_tensor_dict(raw: dict[str, object]) -> dict[str, Tensor]:
-    from model.safe_pickle import as_tensor
+    from m2f.model.safe_pickle import as_tensor
 
     return {k: as_tensor(v, k).to(torch.float32) if _is_float(v) else as_tensor(v, k) for k, v in raw.items()}
 

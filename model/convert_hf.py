@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from model.config import (
+from m2f.model.config import (
     DecoderConfig,
     ModelConfig,
     PixelDecoderConfig,
@@ -19,8 +19,8 @@ from model.config import (
     ResNetConfig,
     SwinConfig,
 )
-from model.keymap import KeyMap
-from model.presets import class_metadata, preprocess_for
+from m2f.model.keymap import KeyMap
+from m2f.model.presets import class_metadata, preprocess_for
 
 E = r"model\.pixel_level_module\.encoder\.(?:swin\.)?"
 D = r"model\.pixel_level_module\.decoder\."

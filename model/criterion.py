@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.mask2former import Mask2FormerOutput
-from model.matcher import HungarianMatcher, Indices, Target, check_targets
-from model.point_sampling import point_sample, uncertain_point_coords
+from m2f.model.mask2former import Mask2FormerOutput
+from m2f.model.matcher import HungarianMatcher, Indices, Target, check_targets
+from m2f.model.point_sampling import point_sample, uncertain_point_coords
 
 
 @dataclass(frozen=True)

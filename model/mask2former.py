@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from model.config import ModelConfig, ResNetConfig, SwinConfig
-from model.pixel_decoder import PixelDecoder
-from model.resnet import ResNet
-from model.swin import SwinTransformer
-from model.transformer_decoder import Prediction, TransformerDecoder
+from m2f.model.config import ModelConfig, ResNetConfig, SwinConfig
+from m2f.model.pixel_decoder import PixelDecoder
+from m2f.model.resnet import ResNet
+from m2f.model.swin import SwinTransformer
+from m2f.model.transformer_decoder import Prediction, TransformerDecoder
 
 
 @dataclass

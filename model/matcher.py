@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from model.point_sampling import point_sample, rand_points
+from m2f.model.point_sampling import point_sample, rand_points
 
 
 class Target(TypedDict):

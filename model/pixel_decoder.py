@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.deformable_attention import MSDeformAttn
-from model.position import sine_position_encoding
+from m2f.model.deformable_attention import MSDeformAttn
+from m2f.model.position import sine_position_encoding
 
 
 def conv_gn(cin: int, cout: int, kernel: int, *, groups: int, bias: bool, relu: bool = False) -> nn.Sequential:

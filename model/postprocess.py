@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.config import ModelConfig
+from m2f.model.config import ModelConfig
 
 Size = tuple[int, int]
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model.config import PreprocessConfig
+from m2f.model.config import PreprocessConfig
 
 
 def resized_shape(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model import categories as cats
-from model.config import (
+from m2f.model import categories as cats
+from m2f.model.config import (
     DecoderConfig,
     ModelConfig,
     PixelDecoderConfig,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ResNetConfig
+from m2f.model.config import ResNetConfig
 
 
 class FrozenBatchNorm2d(nn.Module):

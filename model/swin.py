@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import SwinConfig
+from m2f.model.config import SwinConfig
 
 
 def relative_position_index(window: int) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.position import sine_position_encoding
+from m2f.model.position import sine_position_encoding
 
 
 @dataclass

@@ -22,13 +22,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model.config import PreprocessConfig
-from model.postprocess import postprocess
-from model.preprocess import group_by_padded_size, resize_image, to_batch
-from pipeline.decode import DecodeError, decode_image
-from pipeline.encode import encode_segments, image_stats
-from pipeline.schema import STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
-from pipeline.storage import REDACTED, open_fs, protocol_of, redact, storage_options, with_retries
+from m2f.model.config import PreprocessConfig
+from m2f.model.postprocess import postprocess
+from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
+from m2f.pipeline.decode import DecodeError, decode_image
+from m2f.pipeline.encode import encode_segments, image_stats
+from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
+from m2f.pipeline.storage import REDACTED, open_fs, protocol_of, redact, storage_options, with_retries
 
 # One listed image between the prepare stage and the model. Sentinels instead of nulls (0 sizes,
 # -1 bytes) keep the integer columns integer when Ray hands them over as numpy arrays.
@@ -191,7 +191,7 @@ class Segmenter:
         storage_options: dict[str, Any] | None = None,
         num_threads: int | None = None,
     ) -> None:
-        from model import load  # the checkpoint loaders are only needed where the model lives
+        from m2f.model import load  # the checkpoint loaders are only needed where the model lives
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")

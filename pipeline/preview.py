@@ -32,9 +32,9 @@ from fsspec import AbstractFileSystem
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from pipeline.decode import decode_image
-from pipeline.schema import STATUS_OK, image_id
-from pipeline.storage import open_fs, qualify, storage_options, write_atomic
+from m2f.pipeline.decode import decode_image
+from m2f.pipeline.schema import STATUS_OK, image_id
+from m2f.pipeline.storage import open_fs, qualify, storage_options, write_atomic
 
 PREVIEWS_DIR = "_previews"
 INDEX_NAME = "index.html"

@@ -29,7 +29,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pa_ds
 from fsspec import AbstractFileSystem
 
-from pipeline.storage import is_local, open_fs, protocol_of, qualify, with_retries
+from m2f.pipeline.storage import is_local, open_fs, protocol_of, qualify, with_retries
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")

@@ -18,7 +18,7 @@ import fsspec
 import pytest
 from fsspec import AbstractFileSystem
 
-from pipeline.storage import storage_options
+from m2f.pipeline.storage import storage_options
 from tests.moto_server import moto_server
 
 TEST_AWS_ACCESS_KEY_ID = "m2f-test-key-AKIA9SECRET"

@@ -20,7 +20,7 @@ import numpy as np
 from fsspec import AbstractFileSystem
 from PIL import Image
 
-from pipeline.storage import is_local
+from m2f.pipeline.storage import is_local
 
 BOMB_SIZE = (20_000, 20_000)  # 400 Mpx claimed by the header, ~50 KB on disk
 UNICODE_KEY = "dir with space/ümlaut café.jpg"

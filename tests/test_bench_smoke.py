@@ -24,7 +24,7 @@ def ray_three_cpus() -> Iterator[None]:
     """One local Ray for the module, with 3 logical CPUs: two 1-CPU actors and a prepare task fit."""
     import ray
 
-    from jobs.cluster import connect
+    from m2f.jobs.cluster import connect
 
     started = connect(None, num_cpus=3)
     yield

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from model import categories as C
-from model.categories import Category, category_ids, names, thing_flags
+from m2f.model import categories as C
+from m2f.model.categories import Category, category_ids, names, thing_flags
 
 ALL = {
     "COCO_PANOPTIC": C.COCO_PANOPTIC,

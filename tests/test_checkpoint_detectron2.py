@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 import torch
 
-import model
-from model.keymap import CheckpointMismatch
-from model.presets import PRESETS
-from model.swin import relative_position_index
+from m2f import model
+from m2f.model.keymap import CheckpointMismatch
+from m2f.model.presets import PRESETS
+from m2f.model.swin import relative_position_index
 from tests.hf_models import hf_predictions, tiny_hf_model
 
 ENC = "model.pixel_level_module.encoder."

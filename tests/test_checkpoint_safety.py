@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-import model
-from model.safe_pickle import UnsafeCheckpointError, load_pickle
+from m2f import model
+from m2f.model.safe_pickle import UnsafeCheckpointError, load_pickle
 
 
 class Shell:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model
+from m2f import model
 from tests.hf_models import tiny_hf_model
 
 

@@ -20,7 +20,7 @@ def test_json_report_is_stdouts_last_line_and_a_clean_run_prints_only_our_lines(
     write_images(source, [(40, 30), (30, 40), (50, 50)])
     job = tmp_path / "job.toml"
     job.write_text(f'input = "{source}"\noutput = "{out}"\nbatch-size = 3\nmodel = "{models["semantic"]}"\n')
-    command = [sys.executable, "-m", "cli", "segment", "--config", str(job), "--batch-size", "2", "--json"]
+    command = [sys.executable, "-m", "m2f.cli", "segment", "--config", str(job), "--batch-size", "2", "--json"]
     done = subprocess.run(
         command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300
     )

@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.commit import PartWriter
-from jobs.progress import Progress, format_duration
-from jobs.resume import interrupted_overwrites, scan_output, supersede, uri_key
-from pipeline.schema import OUTPUT_SCHEMA, error_row, ok_row, rows_to_table
-from pipeline.storage import open_fs
+from m2f.jobs.commit import PartWriter
+from m2f.jobs.progress import Progress, format_duration
+from m2f.jobs.resume import interrupted_overwrites, scan_output, supersede, uri_key
+from m2f.pipeline.schema import OUTPUT_SCHEMA, error_row, ok_row, rows_to_table
+from m2f.pipeline.storage import open_fs
 
 STATS = {"segment_count": 0, "class_fractions": [], "mean_score": None}
 

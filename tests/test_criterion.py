@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, ResNetConfig
-from model.criterion import LossConfig, SetCriterion, average_num_masks
-from model.mask2former import Mask2FormerOutput, build_model
-from model.point_sampling import point_sample, uncertain_point_coords
-from model.transformer_decoder import Prediction
+from m2f.model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, ResNetConfig
+from m2f.model.criterion import LossConfig, SetCriterion, average_num_masks
+from m2f.model.mask2former import Mask2FormerOutput, build_model
+from m2f.model.point_sampling import point_sample, uncertain_point_coords
+from m2f.model.transformer_decoder import Prediction
 
 K = 3  # classes in the synthetic cases
 

@@ -10,7 +10,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from pipeline.datasets import (
+from m2f.pipeline.datasets import (
     CocoInstances,
     CocoPanoptic,
     Sample,
@@ -18,7 +18,7 @@ from pipeline.datasets import (
     contiguous_mapping,
     decode_segmentation,
 )
-from pipeline.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate, render_scene
+from m2f.pipeline.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate, render_scene
 
 N = 4
 SEED = 11

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.decode import DecodeError, decode_image
+from m2f.pipeline.decode import DecodeError, decode_image
 from tests.corpus import UNICODE_KEY, build_corpus, png_header_only
 
 CORPUS = build_corpus()

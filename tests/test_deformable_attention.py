@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.deformable_attention import ms_deform_attn_sample, ms_deform_attn_sample_grid
+from m2f.model.deformable_attention import ms_deform_attn_sample, ms_deform_attn_sample_grid
 
 
 @pytest.mark.parametrize("batch", [1, 2])

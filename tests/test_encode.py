@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.encode import encode_segments, image_stats
-from pipeline.schema import (
+from m2f.pipeline.encode import encode_segments, image_stats
+from m2f.pipeline.schema import (
     COLUMN_DOCS,
     OUTPUT_SCHEMA,
     SCHEMA_VERSION,

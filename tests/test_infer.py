@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model import ModelConfig, build_model, save
-from model.config import DecoderConfig, PixelDecoderConfig, PostprocessConfig, PreprocessConfig, ResNetConfig
-from model.preprocess import padded_size, resize_image, resized_shape
-from pipeline.decode import decode_image
-from pipeline.infer import WORK_SCHEMA, Segmenter, model_label, prepare_images, scrub, secret_values
-from pipeline.schema import OUTPUT_SCHEMA, image_id
+from m2f.model import ModelConfig, build_model, save
+from m2f.model.config import DecoderConfig, PixelDecoderConfig, PostprocessConfig, PreprocessConfig, ResNetConfig
+from m2f.model.preprocess import padded_size, resize_image, resized_shape
+from m2f.pipeline.decode import decode_image
+from m2f.pipeline.infer import WORK_SCHEMA, Segmenter, model_label, prepare_images, scrub, secret_values
+from m2f.pipeline.schema import OUTPUT_SCHEMA, image_id
 from tests.conftest import TEST_SECRETS
 
 CLASS_NAMES = ("sky", "ground", "blob")

@@ -27,7 +27,7 @@ START_TIMEOUT_S = 240.0
 
 def start(source: Path, out: Path, log: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`m2f segment SOURCE OUT ARGS` as its own process (its own session, as a scheduler starts it)."""
-    command = [sys.executable, "-m", "cli", "segment", str(source), str(out), *map(str, args)]
+    command = [sys.executable, "-m", "m2f.cli", "segment", str(source), str(out), *map(str, args)]
     with open(log, "wb") as f:
         return subprocess.Popen(
             command,
@@ -167,7 +167,7 @@ def test_listing_without_credentials_exits_3_and_says_how_to_give_them(models, s
     missing = str(tmp_path / "absent")
     env.update(AWS_CONFIG_FILE=missing, AWS_SHARED_CREDENTIALS_FILE=missing, AWS_EC2_METADATA_DISABLED="true")
     env["PYTHONPATH"] = str(REPO)
-    command = [sys.executable, "-m", "cli", "segment", "s3://bucket/images/", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "m2f.cli", "segment", "s3://bucket/images/", str(tmp_path / "out")]
     command += ["--endpoint-url", s3_server, "--model", models["semantic"]]
     started = time.monotonic()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

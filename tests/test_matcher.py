@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from model.matcher import HungarianMatcher, pairwise_bce, pairwise_dice
-from model.point_sampling import point_sample
+from m2f.model.matcher import HungarianMatcher, pairwise_bce, pairwise_dice
+from m2f.model.point_sampling import point_sample
 
 
 def bilinear_reference(image: torch.Tensor, x: float, y: float) -> float:

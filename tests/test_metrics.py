@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.metrics import (
+from m2f.pipeline.metrics import (
     COCO_STAT_NAMES,
     ConfusionMatrix,
     PQAccumulator,

@@ -34,7 +34,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.schema import OUTPUT_SCHEMA
+from m2f.pipeline.schema import OUTPUT_SCHEMA
 from tests.processes import kill_tree
 from tests.test_segment_job import REPO, reports, rows_of, segment, write_images
 
@@ -129,7 +129,7 @@ def drivers_of(cluster: Cluster, process: subprocess.Popen) -> list[dict]:
 def start(source: Path, out: Path, logs: Path, *args: object) -> subprocess.Popen:
     """`m2f segment SOURCE OUT ARGS` as its own process; stdout and stderr to logs/out.txt, logs/err.txt."""
     logs.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "cli", "segment", str(source), str(out), *map(str, args)]
+    command = [sys.executable, "-m", "m2f.cli", "segment", str(source), str(out), *map(str, args)]
     with open(logs / "out.txt", "wb") as stdout, open(logs / "err.txt", "wb") as stderr:
         return subprocess.Popen(
             command,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model
+from m2f import model
 from tests.hf_models import hf_predictions, tiny_hf_model
 
 # (H, W) network inputs: non-square, and 64x96 puts the deepest Swin map (2x3) below the 7x7 window.

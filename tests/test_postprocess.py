@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from model.config import ModelConfig, PostprocessConfig, ResNetConfig
-from model.postprocess import (
+from m2f.model.config import ModelConfig, PostprocessConfig, ResNetConfig
+from m2f.model.postprocess import (
     Segments,
     instance_inference,
     panoptic_inference,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model
-from model import deformable_attention, pixel_decoder, position, transformer_decoder
+from m2f import model
+from m2f.model import deformable_attention, pixel_decoder, position, transformer_decoder
 from tests.hf_models import tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

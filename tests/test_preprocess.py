@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from model.config import PreprocessConfig
-from model.preprocess import group_by_padded_size, padded_size, resize_image, resized_shape, to_batch
+from m2f.model.config import PreprocessConfig
+from m2f.model.preprocess import group_by_padded_size, padded_size, resize_image, resized_shape, to_batch
 
 COCO = PreprocessConfig()  # 800 / 1333 / 32
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -20,9 +20,9 @@ import functools
 import pytest
 import torch
 
-from model.config import ModelConfig, ResNetConfig, SwinConfig
-from model.mask2former import build_model
-from model.presets import BACKBONES, DATASETS, PRESETS
+from m2f.model.config import ModelConfig, ResNetConfig, SwinConfig
+from m2f.model.mask2former import build_model
+from m2f.model.presets import BACKBONES, DATASETS, PRESETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.encode import encode_segments, image_stats
-from pipeline.preview import (
+from m2f.pipeline.encode import encode_segments, image_stats
+from m2f.pipeline.preview import (
     BACKGROUND,
     LEGEND_MIN_WIDTH,
     MAX_STEM,
@@ -38,8 +38,8 @@ from pipeline.preview import (
     segment_colour,
     write_previews,
 )
-from pipeline.schema import error_row, image_id, ok_row, rows_to_table
-from pipeline.storage import open_fs
+from m2f.pipeline.schema import error_row, image_id, ok_row, rows_to_table
+from m2f.pipeline.storage import open_fs
 
 
 def blend(pixels: np.ndarray, colour: tuple[int, int, int], alpha: float) -> np.ndarray:

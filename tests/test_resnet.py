@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.resnet import ConvNorm
+from m2f.model.resnet import ConvNorm
 
 
 def _randomised(norm: str) -> ConvNorm:

@@ -25,14 +25,14 @@ import torch
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-import jobs.resume as resume
-from cli import app
-from jobs.dataflow import capacity_warnings, resolve_device
-from jobs.resume import drop_rows, ids_to_keys, isin_sorted, plan_work, scan_output, uri_key
-from jobs.segment import SegmentConfig
-from pipeline.schema import OUTPUT_SCHEMA, error_row, image_id, ok_row, rows_to_table
-from pipeline.sources import list_inputs
-from pipeline.storage import open_fs
+import m2f.jobs.resume as resume
+from m2f.cli import app
+from m2f.jobs.dataflow import capacity_warnings, resolve_device
+from m2f.jobs.resume import drop_rows, ids_to_keys, isin_sorted, plan_work, scan_output, uri_key
+from m2f.jobs.segment import SegmentConfig
+from m2f.pipeline.schema import OUTPUT_SCHEMA, error_row, image_id, ok_row, rows_to_table
+from m2f.pipeline.sources import list_inputs
+from m2f.pipeline.storage import open_fs
 from tests.conftest import TEST_AWS_ACCESS_KEY_ID, TEST_AWS_SECRET_ACCESS_KEY, TEST_SECRETS
 from tests.corpus import write_corpus
 from tests.processes import kill_tree
@@ -230,7 +230,7 @@ def test_rows_are_committed_while_the_run_goes_and_a_killed_run_resumes_exactly_
     log_path = tmp_path / "killed.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("M2F_ROWS_PER_FILE", None)
-    command = [sys.executable, "-m", "cli", "segment", str(source), str(out), "--model", models["semantic"]]
+    command = [sys.executable, "-m", "m2f.cli", "segment", str(source), str(out), "--model", models["semantic"]]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

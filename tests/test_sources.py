@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
-from pipeline.decode import DecodeError, decode_image
-from pipeline.sources import list_inputs
-from pipeline.storage import (
+from m2f.pipeline import sources
+from m2f.pipeline.decode import DecodeError, decode_image
+from m2f.pipeline.sources import list_inputs
+from m2f.pipeline.storage import (
     is_temporary,
     open_fs,
     qualify,

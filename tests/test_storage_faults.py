@@ -43,11 +43,11 @@ from botocore.exceptions import (
 from fsspec import AbstractFileSystem
 from s3fs.errors import translate_boto_error
 
-from model.config import PreprocessConfig
-from pipeline import storage
-from pipeline.infer import prepare_images
-from pipeline.sources import list_inputs
-from pipeline.storage import (
+from m2f.model.config import PreprocessConfig
+from m2f.pipeline import storage
+from m2f.pipeline.infer import prepare_images
+from m2f.pipeline.sources import list_inputs
+from m2f.pipeline.storage import (
     NO_CREDENTIALS,
     StorageError,
     is_transient,
@@ -116,7 +116,7 @@ def client_error(code: str, status: int, message: str = "") -> ClientError:
 def test_reads_come_through_faults_of_every_kind(
     s3_server: str, images: dict[str, tuple[int, int]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="pipeline.storage")
+    caplog.set_level(logging.DEBUG, logger="m2f.pipeline.storage")
     uris = list(images)
     with fault_proxy(s3_server, rate=RATE, seed=1) as proxy:
         # Rounds until each kind has struck at least once (truncation only hits GETs: ~1 in 8 faults).
