@@ -340,9 +340,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             last = {
                 "step": done,
                 "loss": loss_sum / n,
-                "loss_ce": float(losses["loss_ce"]),
-                "loss_mask": float(losses["loss_mask"]),
-                "loss_dice": float(losses["loss_dice"]),
+                "loss_ce": losses["loss_ce"].detach().item(),
+                "loss_mask": losses["loss_mask"].detach().item(),
+                "loss_dice": losses["loss_dice"].detach().item(),
                 "lr": optimizer.param_groups[-1]["lr"],
                 "elapsed_s": round(time.time() - t0, 1),
             }
