@@ -24,7 +24,6 @@ retries transient storage errors); a write that still fails fails the run, keepi
 
 from __future__ import annotations
 
-import json
 import posixpath
 import queue
 import threading
@@ -57,16 +56,6 @@ class Commit:
     inference_ms: float  # summed model time of the ok rows
     error_reasons: Counter[str] = field(default_factory=Counter)
     keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # (N,) uint64 image keys
-
-    def summary(self) -> dict:
-        """The form `RunCounts.add_summary` folds in."""
-        return {
-            "file": self.file,
-            "ok": self.ok,
-            "error": self.error,
-            "inference_ms": self.inference_ms,
-            "error_reasons": json.dumps(dict(self.error_reasons)),
-        }
 
 
 def describe_rows(table: pa.Table, file: str = "") -> Commit:

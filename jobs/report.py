@@ -4,13 +4,15 @@ versions)."""
 
 from __future__ import annotations
 
-import json
 import platform
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from m2f.jobs.commit import Commit
 
 
 @dataclass
@@ -27,13 +29,13 @@ class RunCounts:
     error_reasons: Counter[str] = field(default_factory=Counter)  # by category ("not an image", ...)
     inference_ms: float = 0.0  # summed model time of the ok rows
 
-    def add_summary(self, summary: dict[str, Any]) -> None:
-        """Fold in one write task's summary (see jobs.segment.write_part)."""
-        self.ok += int(summary["ok"])
-        self.error += int(summary["error"])
-        self.files_written += 1 if summary["file"] else 0
-        self.inference_ms += float(summary["inference_ms"])
-        self.error_reasons.update(json.loads(summary["error_reasons"]))
+    def add_commit(self, commit: Commit) -> None:
+        """Fold in one committed part file (jobs.commit)."""
+        self.ok += commit.ok
+        self.error += commit.error
+        self.files_written += 1
+        self.inference_ms += commit.inference_ms
+        self.error_reasons.update(commit.error_reasons)
 
     @property
     def processed(self) -> int:

@@ -425,7 +425,7 @@ class SegmentRun:
 
     def _committed(self, commit: Commit) -> None:
         """Called by the writer's thread after each part file is in place."""
-        self.counts.add_summary(commit.summary())
+        self.counts.add_commit(commit)
         self.committed.append(commit.keys)
 
     # --- the end ----------------------------------------------------------------------------------
