@@ -162,17 +162,15 @@ def _quarantine(fs: AbstractFileSystem, root: str, path: str, e: Exception) -> s
     return target
 
 
-def drop_rows(fs: AbstractFileSystem, paths: list[str], pending: np.ndarray, ok_keys: np.ndarray) -> int:
-    """Remove from `paths` the rows of images about to be processed (`pending`), and error rows of
-    images that have an ok row; each file is rewritten atomically, or deleted once empty. Returns the
-    number of rows removed."""
+def drop_superseded_errors(fs: AbstractFileSystem, paths: list[str], ok_keys: np.ndarray) -> int:
+    """Remove from `paths` the error rows of images that have an ok row (`ok_keys`, sorted uint64): what a
+    run killed after committing a retried image's new row leaves. Each file is rewritten atomically, or
+    deleted once empty. Returns the number of rows removed."""
     removed = 0
     for path in paths:
         table = _read_columns(fs, path, ["image_id", "status"])
-        keys = ids_to_keys(table["image_id"])
         error = pc.equal(table["status"], STATUS_ERROR).to_numpy(zero_copy_only=False)
-        drop = isin_sorted(keys, pending) | (error & isin_sorted(keys, ok_keys))
-        removed += _remove_rows(fs, path, drop)
+        removed += _remove_rows(fs, path, error & isin_sorted(ids_to_keys(table["image_id"]), ok_keys))
     return removed
 
 

@@ -64,7 +64,7 @@ from m2f.jobs.report import RunCounts, build_report, ray_data_stats, summary_tab
 from m2f.jobs.resume import (
     RUNS_DIR,
     Existing,
-    drop_rows,
+    drop_superseded_errors,
     interrupted_overwrites,
     plan_work,
     scan_output,
@@ -312,7 +312,7 @@ class SegmentRun:
         self._storage(
             "write to",
             config.output,
-            lambda: drop_rows(fs, existing.with_errors, np.empty(0, np.uint64), existing.ok_keys),
+            lambda: drop_superseded_errors(fs, existing.with_errors, existing.ok_keys),
         )
         self._storage("write to", config.output, lambda: _remove_stale_work(fs, root))
         if self.resumed:

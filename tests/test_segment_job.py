@@ -28,7 +28,15 @@ from typer.testing import CliRunner
 import m2f.jobs.resume as resume
 from m2f.cli import app
 from m2f.jobs.dataflow import capacity_warnings, resolve_device
-from m2f.jobs.resume import drop_rows, ids_to_keys, isin_sorted, plan_work, scan_output, uri_key
+from m2f.jobs.resume import (
+    drop_superseded_errors,
+    ids_to_keys,
+    isin_sorted,
+    plan_work,
+    scan_output,
+    supersede,
+    uri_key,
+)
 from m2f.jobs.segment import SegmentConfig
 from m2f.pipeline.schema import OUTPUT_SCHEMA, error_row, image_id, ok_row, rows_to_table
 from m2f.pipeline.sources import list_inputs
@@ -334,7 +342,7 @@ def test_plan_skips_done_and_repeated_uris(tmp_path, monkeypatch) -> None:
     assert (redo.already_done, len(redo.pending)) == (0, 5)
 
 
-def test_drop_rows_rewrites_files_without_the_redone_images(tmp_path) -> None:
+def test_earlier_rows_of_redone_images_and_superseded_errors_are_rewritten_away(tmp_path) -> None:
     common = {"task": "semantic", "model": "tiny@0", "run_id": "r"}
     stats = {"segment_count": 0, "class_fractions": [], "mean_score": None}
     ok = [ok_row(f"/x/{i}.png", width=1, height=1, segments=[], stats=stats, inference_ms=1.0, **common) for i in "ab"]
@@ -347,10 +355,15 @@ def test_drop_rows_rewrites_files_without_the_redone_images(tmp_path) -> None:
     assert existing.ok_keys.tolist() == sorted(uri_key(f"/x/{i}.png") for i in "ab")
     assert [Path(p).name for p in existing.with_errors] == ["part-1.parquet", "part-2.parquet"]
     pending = np.sort(np.array([uri_key("/x/c.png"), uri_key("/x/d.png")], np.uint64))
-    assert drop_rows(fs, existing.with_errors, pending, existing.ok_keys) == 2
+    assert supersede(fs, existing.with_errors, pending) == 2  # c and d were redone
     assert pq.read_table(tmp_path / "part-1.parquet")["image_uri"].to_pylist() == ["/x/a.png"]
     assert not (tmp_path / "part-2.parquet").exists() and (tmp_path / "part-3.parquet").exists()
     assert pq.read_schema(tmp_path / "part-1.parquet").equals(OUTPUT_SCHEMA)
+    # An error row of an image that has an ok row elsewhere (a retry committed, then a kill) goes too.
+    stale = [error_row("/x/b.png", "not an image", **common), error_row("/x/e.png", "not an image", **common)]
+    pq.write_table(rows_to_table(stale), tmp_path / "part-4.parquet")
+    assert drop_superseded_errors(fs, [str(tmp_path / "part-4.parquet")], existing.ok_keys) == 1
+    assert pq.read_table(tmp_path / "part-4.parquet")["image_uri"].to_pylist() == ["/x/e.png"]
 
 
 def test_device_resolution() -> None:
