@@ -147,6 +147,11 @@ class PartWriter:
         return done
 
     @property
+    def failure(self) -> BaseException | None:
+        """The write that failed after its retries, if one did."""
+        return self._failure
+
+    @property
     def buffered(self) -> int:
         with self._lock:
             return self._buffered

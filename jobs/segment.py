@@ -389,9 +389,9 @@ class SegmentRun:
                     stall_timeout=config.stall_timeout,
                     explain=lambda idle: explain_stall(idle, config, device),
                 )
-            except StorageError:
-                raise
             except Exception as e:
+                if writer.failure is not None:  # raised again by add() or flush_if_due(): the cause is the write
+                    raise self._write_failure(writer.failure) from None
                 log.exception("the pipeline failed")
                 raise Failure(f"the job failed: {_one_line(e)}", 3) from None
             finally:
@@ -420,8 +420,12 @@ class SegmentRun:
                     self.warn(f"{writer.buffered} finished rows were not committed within --grace-seconds")
                     return
         except Exception as e:
-            log.exception("writing a part file failed")
-            raise storage_failure(e, "write to", self.config.output, secrets=self.secrets) from None
+            raise self._write_failure(e) from None
+
+    def _write_failure(self, e: BaseException) -> Failure:
+        """A part file that could not be written, after its retries: one line naming the cause (exit 3)."""
+        log.error("writing a part file failed", exc_info=e)
+        return Failure(str(storage_failure(e, "write to", self.config.output, secrets=self.secrets)), 3)
 
     def _committed(self, commit: Commit) -> None:
         """Called by the writer's thread after each part file is in place."""

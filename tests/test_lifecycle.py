@@ -5,6 +5,7 @@ process with its own local Ray; the re-runs that must complete the work run in-p
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -207,3 +208,30 @@ def test_transient_storage_faults_at_15_percent_leave_every_image_ok(ray_cluster
             rows += pq.read_table(f, columns=["image_uri", "status"]).to_pylist()
     assert Counter(r["image_uri"] for r in rows) == Counter(uris)
     assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_a_part_file_that_cannot_be_written_ends_the_run_with_exit_3_and_one_line(
+    ray_cluster, models, s3_server, s3_bucket, s3_fs
+):
+    """Every write of a part file answered 503, past m2f's retries: the run fails truthfully (exit 3, the
+    cause in one line, a report), instead of a traceback or a silent loss."""
+    for i in range(6):
+        s3_fs.pipe_file(f"{s3_bucket}/in/img{i}.png", png(48, 40, seed=i))
+
+    def part_file_put(method: str, path: str) -> bool:
+        return method == "PUT" and "/out/part-" in path
+
+    output = f"s3://{s3_bucket}/out/"
+    with fault_proxy(s3_server, always_fail=part_file_put) as proxy:
+        result = segment(f"s3://{s3_bucket}/in/", output, "--endpoint-url", proxy.url, "--model", models["semantic"])
+        refused = proxy.faults["always"]
+    assert result.exit_code == 3, result.output
+    assert refused >= 5  # m2f's attempts, each after botocore's own
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"m2f segment: error: cannot write to {output}"), last
+    assert "Traceback" not in result.output and "the job failed" not in last
+    s3_fs.invalidate_cache()
+    (path,) = s3_fs.glob(f"{s3_bucket}/out/_runs/*.json")
+    report = json.loads(s3_fs.cat_file(path))
+    assert report["status"] == "failed" and report["exit_code"] == 3
+    assert not s3_fs.glob(f"{s3_bucket}/out/part-*")
