@@ -45,6 +45,24 @@ def _no_auto_init() -> None:
         pass
 
 
+def _no_native_signal_handler() -> None:
+    """Ray's core installs a native handler for SIGTERM (and the crash signals) that prints a stack dump
+    and aborts, and on shutdown resets SIGTERM to the default action: a scheduler's SIGTERM during
+    ray.shutdown() then killed the driver mid-shutdown, leaving Ray's processes and a 'running' report
+    behind. Without it, SIGTERM stays with the job's own handler (jobs.lifecycle) from start to end.
+    Ray reads the switch from RAY_DISABLE_FAILURE_SIGNAL_HANDLER when it is imported (so set the loaded
+    module's constant too); the environment carries it to the processes a local Ray starts."""
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    if os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] != "1":
+        return  # the user asked for Ray's handler
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    except (ImportError, AttributeError):
+        pass
+
+
 def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     """Connect to `address` (an existing cluster), reuse an in-process Ray, or start a local one.
 
@@ -57,6 +75,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    _no_native_signal_handler()
     kwargs = {
         "include_dashboard": False,
         "logging_level": logging.WARNING,

@@ -235,3 +235,36 @@ def test_a_part_file_that_cannot_be_written_ends_the_run_with_exit_3_and_one_lin
     report = json.loads(s3_fs.cat_file(path))
     assert report["status"] == "failed" and report["exit_code"] == 3
     assert not s3_fs.glob(f"{s3_bucket}/out/part-*")
+
+
+SHUTDOWN_UNDER_SIGTERM = """
+import os, signal, subprocess, sys
+import ray
+from m2f.jobs.cluster import ray_session
+from m2f.jobs.lifecycle import Stop, handling_signals
+
+stop = Stop()
+stop.raise_now = False  # as while results flow: the handler only records the request
+with handling_signals(stop):
+    with ray_session(None, stop):
+        ray.get(ray.remote(lambda: 1).remote())
+        pid = os.getpid()
+        storm = "import os, signal, time\\nfor _ in range(60):\\n    time.sleep(0.05)\\n"
+        storm += f"    os.kill({pid}, signal.SIGTERM)"
+        killer = subprocess.Popen([sys.executable, "-c", storm])
+    killer.wait()  # SIGTERMs went on arriving through ray.shutdown() and after it
+print("handled", stop.signal_name())
+"""
+
+
+def test_sigterm_while_ray_shuts_down_still_reaches_the_jobs_handler() -> None:
+    """The window a run ends in: Ray's shutdown used to reset SIGTERM to its default action, so a scheduler's
+    SIGTERM then killed the driver mid-shutdown (exit -15, Ray's processes left, the report 'running')."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", SHUTDOWN_UNDER_SIGTERM], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip().endswith("handled SIGTERM")
+    assert "SIGTERM received" not in done.stderr
