@@ -2,7 +2,9 @@
 
 Point s3fs at `proxy.url` instead of the moto endpoint and every request (GET, HEAD, PUT, POST,
 DELETE) is forwarded unchanged, the client's Host header included, so a SigV4 signature made for the
-proxy's address stays what the client signed. With probability `rate` one request gets one fault:
+proxy's address stays what the client signed. With probability `rate` one request gets one fault, of
+the kind injected least so far among those that fit the request (so a run with a handful of faults
+still meets every kind, whatever order the client's threads send their requests in):
 
 - "500" / "503": an S3 error document (InternalError / SlowDown) instead of forwarding;
 - "drop": the request is forwarded (its side effects happen), then the connection closes with no
@@ -70,6 +72,7 @@ class FaultProxy:
         self.kinds = tuple(kinds)
         self.always_fail = always_fail
         self.faults: Counter[str] = Counter()
+        self._drawn: Counter[str] = Counter()  # kinds chosen (a "truncate" may end up counted as "drop")
         self.requests = 0
         self.url = ""  # set once the server is bound
         self._random = random.Random(seed)
@@ -85,9 +88,11 @@ class FaultProxy:
                 return "always"
             if self._random.random() >= self.rate:
                 return None
-            # Only a GET answer has a body to cut short: other requests draw among the other kinds.
+            # Only a GET answer has a body to cut short, so a GET tries "truncate" first on ties.
             kinds = [k for k in self.kinds if k != "truncate" or method == "GET"] or ["drop"]
-            return self._random.choice(kinds)
+            kinds.sort(key=lambda k: (self._drawn[k], k != "truncate"))
+            self._drawn[kinds[0]] += 1
+            return kinds[0]
 
     def _coin(self) -> bool:
         with self._lock:

@@ -119,7 +119,7 @@ def test_reads_come_through_faults_of_every_kind(
     caplog.set_level(logging.DEBUG, logger="m2f.pipeline.storage")
     uris = list(images)
     with fault_proxy(s3_server, rate=RATE, seed=1) as proxy:
-        # Rounds until each kind has struck at least once (truncation only hits GETs: ~1 in 8 faults).
+        # Rounds until each kind has struck at least once (the proxy spreads its faults over the kinds).
         for _ in range(6):
             table = prepare_images(
                 {"image_uri": uris},
