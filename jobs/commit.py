@@ -24,7 +24,6 @@ retries transient storage errors); a write that still fails fails the run, keepi
 
 from __future__ import annotations
 
-import posixpath
 import queue
 import threading
 import time
@@ -38,7 +37,8 @@ import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
 from m2f.jobs.report import error_category
-from m2f.jobs.resume import ids_to_keys, parquet_bytes
+from m2f.jobs.resume import ids_to_keys
+from m2f.pipeline.output import parquet_bytes, part_name
 from m2f.pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 from m2f.pipeline.storage import write_atomic
 
@@ -165,7 +165,7 @@ class PartWriter:
         self._buffer = [rest] if rest.num_rows else []
         self._buffered = rest.num_rows
         self._oldest = time.monotonic() if rest.num_rows else None  # the rest arrived with the cut rows at worst
-        name = posixpath.join(self.root, f"part-{self.run_id}-{self._sequence:06d}.parquet")
+        name = part_name(self.root, self.run_id, self._sequence)
         self._sequence += 1
         self._pending += 1
         self._idle.clear()

@@ -68,6 +68,7 @@ from m2f.pipeline.metrics import (
     segments_to_id_map,
     to_coco_results,
 )
+from m2f.pipeline.output import list_part_files, run_file
 from m2f.pipeline.schema import STATUS_OK
 from m2f.pipeline.storage import open_fs, storage_options, write_atomic
 
@@ -79,7 +80,6 @@ BATCH_ROWS = 64  # rows decoded at a time in the second pass: a row can hold hun
 _SELECT_COLUMNS = ("image_uri", "status", "processed_at", "run_id", "task")
 _READ_COLUMNS = ("image_uri", "image_id", "status", "width", "height", "segments")
 _EXAMPLES = 5  # how many unmatched names a warning shows
-RUNS_DIR = "_runs"  # where `m2f segment` writes its run reports, under OUTPUT
 STDOUT = "-"  # json_out that means: the metrics JSON as the last line of stdout
 EXPORT_FORMATS = ("instances", "panoptic")
 STABLE_ID_HEX = 13  # hex digits of image_id kept for a COCO image id: 52 bits, exact in any JSON reader
@@ -206,7 +206,7 @@ class BatchOutput:
         """
         if not run_id or "/" in run_id or run_id.startswith("."):
             return None
-        path = posixpath.join(self.root, RUNS_DIR, f"{run_id}.json")
+        path = run_file(self.root, run_id, ".json")
         try:
             with self.fs.open(path, "rb") as f:
                 report = json.load(f)
@@ -231,20 +231,16 @@ class BatchOutput:
 
 
 def _list_part_files(fs: AbstractFileSystem, root: str, uri: str) -> list[str]:
-    """The `*.parquet` files directly under `root`, sorted; hidden names and subfolders are skipped."""
+    """The part files directly under `root` (pipeline/output.py says which names those are)."""
     fs.invalidate_cache(root)  # object stores cache listings; a run may have finished since
     if not fs.exists(root):
         raise BadInput(f"predictions not found: {uri}")
     if not fs.isdir(root):
         raise BadInput(f"predictions must be the OUTPUT folder of `m2f segment`, got a file: {uri}")
-    files = []
-    for entry in fs.ls(root, detail=True):
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        if entry.get("type") == "file" and name.endswith(".parquet") and not name.startswith((".", "_")):
-            files.append(entry["name"])
+    files = list_part_files(fs, root)
     if not files:
-        raise BadInput(f"no *.parquet files directly under {uri}; is it the OUTPUT of `m2f segment`?")
-    return sorted(files)
+        raise BadInput(f"no part-*.parquet files directly under {uri}; is it the OUTPUT of `m2f segment`?")
+    return files
 
 
 def _check_columns(parquet: pq.ParquetFile, path: str) -> None:

@@ -15,29 +15,23 @@ ok rows count as done (`interrupted_overwrites`), and the earlier rows of those 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from m2f.pipeline.preview import PREVIEWS_DIR
+from m2f.pipeline.output import PREVIEWS_DIR, QUARANTINE_DIR, RUNS_DIR, is_part_file, parquet_bytes, read_part
 from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK
 from m2f.pipeline.sources import Listing
 from m2f.pipeline.storage import is_temporary, open_fs, remove_temporaries, storage_options, with_retries, write_atomic
 
 log = logging.getLogger(__name__)
 
-PART_PATTERN = re.compile(r"^part-.+\.parquet$")
-RUNS_DIR = "_runs"
-QUARANTINE_DIR = "_quarantine"
 WORK_CHUNK = 100_000  # URIs per work-manifest file: the most the driver holds at once
 
 
@@ -92,17 +86,6 @@ class Existing:
     temporaries_removed: int = 0
 
 
-def _read_columns(fs: AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
 def scan_output(
     fs: AbstractFileSystem, root: str, *, model: str, task: str, resumed: frozenset[str] = frozenset()
 ) -> Existing:
@@ -125,12 +108,10 @@ def scan_output(
             temporaries += [p for p in fs.ls(folder, detail=False) if is_temporary(p)]
     existing = Existing(np.empty(0, np.uint64), [], [], temporaries_removed=remove_temporaries(fs, temporaries))
     ok_chunks, resumed_chunks = [], []
-    parts = sorted(
-        e["name"] for e in entries if e["type"] == "file" and PART_PATTERN.match(posixpath.basename(e["name"]))
-    )
+    parts = sorted(e["name"] for e in entries if e["type"] == "file" and is_part_file(e["name"]))
     for path in parts:
         try:
-            table = _read_columns(fs, path, ["image_id", "status", "task", "model", "run_id"])
+            table = read_part(fs, path, ["image_id", "status", "task", "model", "run_id"])
             keys = ids_to_keys(table["image_id"])
         except Exception as e:
             existing.quarantined.append(_quarantine(fs, root, path, e))
@@ -168,7 +149,7 @@ def drop_superseded_errors(fs: AbstractFileSystem, paths: list[str], ok_keys: np
     deleted once empty. Returns the number of rows removed."""
     removed = 0
     for path in paths:
-        table = _read_columns(fs, path, ["image_id", "status"])
+        table = read_part(fs, path, ["image_id", "status"])
         error = pc.equal(table["status"], STATUS_ERROR).to_numpy(zero_copy_only=False)
         removed += _remove_rows(fs, path, error & isin_sorted(ids_to_keys(table["image_id"]), ok_keys))
     return removed
@@ -182,7 +163,7 @@ def _remove_rows(fs: AbstractFileSystem, path: str, drop: np.ndarray) -> int:
     if drop.all():
         fs.rm(path)
     else:
-        kept = _read_columns(fs, path).filter(pa.array(~drop))
+        kept = read_part(fs, path).filter(pa.array(~drop))
         write_atomic(fs, path, parquet_bytes(kept))
     return int(drop.sum())
 
@@ -199,7 +180,7 @@ def supersede(
     for path in paths:
         if not fs.exists(path):
             continue
-        table = _read_columns(fs, path, ["image_id", "status", "run_id"])
+        table = read_part(fs, path, ["image_id", "status", "run_id"])
         drop = isin_sorted(ids_to_keys(table["image_id"]), new_keys)
         if keep_runs:
             kept_run = pc.is_in(table["run_id"], pa.array(sorted(keep_runs), pa.string()))
@@ -284,5 +265,5 @@ def read_work_files(
     """The URIs of the work-manifest files named in `batch` (paths on OUTPUT's filesystem)."""
     fs, _ = open_fs(output, storage_options(output, endpoint_url, storage_options_json))
     paths = batch["path"].to_pylist()
-    tables = [with_retries(lambda path=path: _read_columns(fs, path, ["image_uri"])) for path in paths]
+    tables = [with_retries(lambda path=path: read_part(fs, path, ["image_uri"])) for path in paths]
     return pa.concat_tables(tables) if tables else pa.table({"image_uri": pa.array([], pa.string())})

@@ -62,7 +62,6 @@ from m2f.jobs.lifecycle import GRACE_SECONDS, STALL_TIMEOUT, Cancelled, RunLog, 
 from m2f.jobs.progress import Progress
 from m2f.jobs.report import RunCounts, build_report, ray_data_stats, summary_table
 from m2f.jobs.resume import (
-    RUNS_DIR,
     Existing,
     drop_superseded_errors,
     interrupted_overwrites,
@@ -72,7 +71,7 @@ from m2f.jobs.resume import (
 )
 from m2f.model.config import TASKS
 from m2f.pipeline.infer import PRECISIONS, model_label, scrub, secret_values
-from m2f.pipeline.preview import PREVIEWS_DIR
+from m2f.pipeline.output import PREVIEWS_DIR, RUNS_DIR, run_file
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import (
     StorageError,
@@ -534,7 +533,7 @@ class SegmentRun:
             return ""
         try:
             self._write_report(status, exit_code=exit_code, previews=previews)
-            log_path = posixpath.join(self.root, RUNS_DIR, f"{self.run_id}.log")
+            log_path = run_file(self.root, self.run_id, ".log")
             write_atomic(self.fs, log_path, scrub(self.log.text(), self.secrets))
         except Exception:
             log.exception("writing the run report failed")
@@ -562,7 +561,7 @@ class SegmentRun:
         )
         report["status"] = status
         report["resumed_runs"] = sorted(self.resumed)
-        report["log"] = qualify(self.fs, posixpath.join(self.root, RUNS_DIR, f"{self.run_id}.log"))
+        report["log"] = qualify(self.fs, run_file(self.root, self.run_id, ".log"))
         report["timings_s"] = {name: round(seconds, 3) for name, seconds in self.timings.items()}
         report["ray_data_stats"] = self.stats
         self.report = report
@@ -576,11 +575,11 @@ class SegmentRun:
 
     @property
     def work_dir(self) -> str:
-        return posixpath.join(self.root, RUNS_DIR, f"{self.run_id}-work")
+        return run_file(self.root, self.run_id, "-work")
 
     @property
     def report_path(self) -> str:
-        return posixpath.join(self.root, RUNS_DIR, f"{self.run_id}.json")
+        return run_file(self.root, self.run_id, ".json")
 
     def _storage(self, action: str, uri: str, fn: Callable[[], Any], *, retry: bool = True) -> Any:
         """Run a storage step: a missing INPUT is a bad argument (2); any other failure is one line (3).

@@ -33,10 +33,10 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from m2f.pipeline.decode import decode_image
+from m2f.pipeline.output import PREVIEWS_DIR, list_part_files
 from m2f.pipeline.schema import STATUS_OK, image_id
 from m2f.pipeline.storage import open_fs, qualify, storage_options, write_atomic
 
-PREVIEWS_DIR = "_previews"
 INDEX_NAME = "index.html"
 ALPHA = 0.55  # mask opacity: the image stays readable underneath
 MAX_SIDE = 1024  # previews of larger images are scaled down to this longest side
@@ -537,8 +537,7 @@ def write_previews(
     image URIs with an ok row. A preview that fails (the image moved, changed size) is logged, noted on the
     page and skipped: previews never fail a run. Returns how many PNGs were written.
     """
-    fs.invalidate_cache(root)
-    parts = sorted(p for p in fs.ls(root, detail=False) if _is_part(p))
+    parts = list_part_files(fs, root)
     folder = posixpath.join(root, PREVIEWS_DIR)
     entries = []
     for uri, row in pick_rows(fs, parts, n, uris=uris):
@@ -576,8 +575,3 @@ def write_previews(
     if entries:
         write_atomic(fs, posixpath.join(folder, INDEX_NAME), index_html(entries, output=qualify(fs, root)))
     return sum(e.png is not None for e in entries)
-
-
-def _is_part(path: str) -> bool:
-    name = posixpath.basename(path)
-    return name.startswith("part-") and name.endswith(".parquet")

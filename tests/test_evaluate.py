@@ -858,7 +858,7 @@ def test_predictions_and_metrics_on_s3(tmp_path: Path, s3_fs, s3_bucket: str, s3
     ("case", "message"),
     [
         ("missing_predictions", "predictions not found"),
-        ("no_parquet", "no *.parquet files"),
+        ("no_parquet", "no part-*.parquet files"),
         ("instances_as_panoptic", "segments_info"),
         ("panoptic_as_instances", "segmentation"),
         ("not_json", "not valid JSON"),
