@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
-from enum import Enum, StrEnum
-from typing import Annotated, Any
+from enum import StrEnum
+from typing import Annotated
 
 import typer
+
+from m2f.jobs.config_file import merged_options, required
+from m2f.jobs.configs import DEVICES, PRECISIONS, SegmentConfig, TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -15,28 +17,16 @@ app = typer.Typer(
 )
 
 
-class Task(StrEnum):
-    semantic = "semantic"
-    instance = "instance"
-    panoptic = "panoptic"
+def choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """An enum of `values` for typer, which shows them in --help and checks them."""
+    return StrEnum(name, {value.replace("-", "_"): value for value in values})  # type: ignore[return-value]
 
 
-class Device(StrEnum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Precision(StrEnum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class DataFormat(StrEnum):
-    coco_panoptic = "coco-panoptic"
-    coco_instances = "coco-instances"
-    semantic = "semantic"
+Task = choices("Task", ("semantic", "instance", "panoptic"))
+Device = choices("Device", DEVICES)
+Precision = choices("Precision", PRECISIONS)
+DataFormat = choices("DataFormat", ("coco-panoptic", "coco-instances", "semantic"))
+S, T = SegmentConfig, TrainConfig  # each option's default is its config field's, written once there
 
 
 EndpointOpt = Annotated[
@@ -59,44 +49,6 @@ ConfigOpt = Annotated[
 ]
 
 
-def merged_options(ctx: typer.Context, config_file: str | None) -> dict[str, Any]:
-    """The command's parameters: given on the command line (or in the environment), else from `config_file`,
-    else their defaults. Unknown keys and values of the wrong type are bad arguments (exit 2)."""
-    values = dict(ctx.params)
-    if config_file:
-        try:
-            with open(config_file, "rb") as f:
-                table = tomllib.load(f)
-        except OSError as e:
-            raise typer.BadParameter(f"cannot read {config_file}: {e.strerror}", param_hint="--config") from None
-        except tomllib.TOMLDecodeError as e:
-            raise typer.BadParameter(f"{config_file} is not valid TOML: {e}", param_hint="--config") from None
-        params = {p.name: p for p in ctx.command.params if p.name != "config_file"}
-        for key, value in table.items():
-            name = key.replace("-", "_")
-            if name not in params:
-                raise typer.BadParameter(f"unknown key {key!r} in {config_file}", param_hint="--config")
-            source = ctx.get_parameter_source(name)
-            if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-                continue
-            param = params[name]
-            try:
-                values[name] = None if value is None else param.process_value(ctx, value)
-            except typer.BadParameter as e:
-                raise typer.BadParameter(f"{key!r} in {config_file}: {e.message}", param_hint="--config") from None
-    values.pop("config_file", None)
-    return {name: value.value if isinstance(value, Enum) else value for name, value in values.items()}
-
-
-def required(values: dict[str, Any], *names: str) -> None:
-    for name in names:
-        if values.get(name) is None:
-            raise typer.BadParameter(
-                f"{name.upper()} is missing: give it on the command line or as `{name}` in --config",
-                param_hint=name.upper(),
-            )
-
-
 @app.command()
 def segment(
     ctx: typer.Context,
@@ -107,24 +59,34 @@ def segment(
         str | None, typer.Argument(help="Output URI prefix: Parquet dataset, run reports, previews.")
     ] = None,
     config_file: ConfigOpt = None,
-    model: Annotated[str, typer.Option(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")] = "demo",
+    model: Annotated[str, typer.Option(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")] = S.model,
     preset: Annotated[str | None, typer.Option(help="Dataset preset for a detectron2 checkpoint.")] = None,
     task: Annotated[Task | None, typer.Option(help="Post-processing; default: the checkpoint's task.")] = None,
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
-    actors: Annotated[int, typer.Option(min=1, help="Model actors (one model copy each).")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
-    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.auto,
-    gpus_per_actor: Annotated[float, typer.Option(min=0.0, help="GPUs per actor (fractions share a GPU).")] = 1.0,
-    cpus_per_actor: Annotated[float, typer.Option(min=0.0, help="CPUs per model actor (and torch threads).")] = 1.0,
-    precision: Annotated[Precision, typer.Option(help="Autocast precision of the forward pass.")] = Precision.fp32,
+    actors: Annotated[int, typer.Option(min=1, help="Model actors (one model copy each).")] = S.actors,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = S.batch_size,
+    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device(S.device),
+    gpus_per_actor: Annotated[
+        float, typer.Option(min=0.0, help="GPUs per actor (fractions share a GPU).")
+    ] = S.gpus_per_actor,
+    cpus_per_actor: Annotated[
+        float, typer.Option(min=0.0, help="CPUs per model actor (and torch threads).")
+    ] = S.cpus_per_actor,
+    precision: Annotated[Precision, typer.Option(help="Autocast precision of the forward pass.")] = Precision(
+        S.precision
+    ),
     score_threshold: Annotated[
         float | None, typer.Option(help="Drop segments scoring below this; default 0.5 for instance, else 0.")
     ] = None,
-    max_pixels: Annotated[int, typer.Option(help="Reject larger images (decompression bombs).")] = 100_000_000,
-    max_error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit non-zero above this error rate.")] = 0.0,
-    overwrite: Annotated[bool, typer.Option(help="Redo images that already have an ok row.")] = False,
-    preview: Annotated[int, typer.Option(min=0, help="Write this many overlay PNGs under OUTPUT/_previews/.")] = 0,
+    max_pixels: Annotated[int, typer.Option(help="Reject larger images (decompression bombs).")] = S.max_pixels,
+    max_error_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Exit non-zero above this error rate.")
+    ] = S.max_error_rate,
+    overwrite: Annotated[bool, typer.Option(help="Redo images that already have an ok row.")] = S.overwrite,
+    preview: Annotated[
+        int, typer.Option(min=0, help="Write this many overlay PNGs under OUTPUT/_previews/.")
+    ] = S.preview,
     progress: Annotated[
         bool | None,
         typer.Option(
@@ -134,14 +96,16 @@ def segment(
     ] = None,
     flush_seconds: Annotated[
         float, typer.Option(min=0.001, help="Commit a part file once its oldest row has waited this long.")
-    ] = 30.0,
+    ] = S.flush_seconds,
     grace_seconds: Annotated[
         float, typer.Option(min=0.0, help="On SIGTERM/SIGINT: time to commit finished rows before exiting.")
-    ] = 20.0,
+    ] = S.grace_seconds,
     stall_timeout: Annotated[
         float, typer.Option(min=0.001, help="End the run (exit 3) when no image finishes for this many seconds.")
-    ] = 900.0,
-    allow_empty: Annotated[bool, typer.Option(help="An INPUT that lists no image is not an error (exit 0).")] = False,
+    ] = S.stall_timeout,
+    allow_empty: Annotated[
+        bool, typer.Option(help="An INPUT that lists no image is not an error (exit 0).")
+    ] = S.allow_empty,
     json_report: Annotated[
         bool, typer.Option("--json", help="Print the run report as JSON, the last line of stdout; the rest to stderr.")
     ] = False,
@@ -153,7 +117,7 @@ def segment(
     rate above --max-error-rate, 2 bad arguments, 3 storage/cluster/model failure or a stall, 130/143
     cancelled by SIGINT/SIGTERM. After any of them but 2, re-running the same command resumes.
     """
-    from m2f.jobs.segment import SegmentConfig, run
+    from m2f.jobs.segment import run
 
     values = merged_options(ctx, config_file)
     required(values, "input", "output")
@@ -171,7 +135,7 @@ def train(
         str | None, typer.Argument(help="Where checkpoints and metrics.jsonl go (local or object storage).")
     ] = None,
     config_file: ConfigOpt = None,
-    format: Annotated[DataFormat, typer.Option(help="Annotation format under DATA.")] = DataFormat.coco_panoptic,
+    format: Annotated[DataFormat, typer.Option(help="Annotation format under DATA.")] = DataFormat(T.format),
     annotations: Annotated[
         str | None, typer.Option(help="Annotation JSON (default: DATA/panoptic.json or instances.json).")
     ] = None,
@@ -180,32 +144,38 @@ def train(
         str | None, typer.Option(help="Panoptic PNG or semantic mask folder (default: DATA/panoptic|semantic).")
     ] = None,
     init: Annotated[str | None, typer.Option(help="Start from this checkpoint (any format model.load reads).")] = None,
-    arch: Annotated[str, typer.Option(help="Architecture when training from scratch: tiny, r50, swin_t, ...")] = "tiny",
+    arch: Annotated[str, typer.Option(help="Architecture when training from scratch: tiny, r50, swin_t, ...")] = T.arch,
     workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP).")] = 1,
     use_gpu: Annotated[bool, typer.Option(help="One GPU per worker; AMP on.")] = False,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     epochs: Annotated[
         float | None, typer.Option(help="Or: passes over the data (default 1 when no --max-steps).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per worker per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms and embeddings).")] = 0.05,
-    backbone_lr_mult: Annotated[float, typer.Option(help="Backbone learning-rate multiplier.")] = 0.1,
-    clip_grad: Annotated[float, typer.Option(help="Clip the full-model gradient norm to this (0: off).")] = 0.01,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the poly decay.")] = 0,
-    image_size: Annotated[int, typer.Option(help="Training crop size (large-scale jitter output).")] = 512,
-    min_scale: Annotated[float, typer.Option(help="Large-scale jitter: smallest scale.")] = 0.1,
-    max_scale: Annotated[float, typer.Option(help="Large-scale jitter: largest scale.")] = 2.0,
-    num_points: Annotated[int, typer.Option(help="Points per mask for matching and mask losses.")] = 12544,
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="Write a checkpoint every N steps.")] = 500,
-    threads_per_worker: Annotated[int, typer.Option(min=1, help="Torch threads (and CPUs) per worker.")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per worker per step.")] = T.batch_size,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = T.lr,
+    weight_decay: Annotated[
+        float, typer.Option(help="AdamW weight decay (not on norms and embeddings).")
+    ] = T.weight_decay,
+    backbone_lr_mult: Annotated[float, typer.Option(help="Backbone learning-rate multiplier.")] = T.backbone_lr_mult,
+    clip_grad: Annotated[float, typer.Option(help="Clip the full-model gradient norm to this (0: off).")] = T.clip_grad,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the poly decay.")] = T.warmup_steps,
+    image_size: Annotated[int, typer.Option(help="Training crop size (large-scale jitter output).")] = T.image_size,
+    min_scale: Annotated[float, typer.Option(help="Large-scale jitter: smallest scale.")] = T.min_scale,
+    max_scale: Annotated[float, typer.Option(help="Large-scale jitter: largest scale.")] = T.max_scale,
+    num_points: Annotated[int, typer.Option(help="Points per mask for matching and mask losses.")] = T.num_points,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="Write a checkpoint every N steps.")
+    ] = T.checkpoint_every,
+    threads_per_worker: Annotated[
+        int, typer.Option(min=1, help="Torch threads (and CPUs) per worker.")
+    ] = T.threads_per_worker,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = T.seed,
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Fine-tune (or train from scratch) on Ray Train; resumes from OUTPUT's latest checkpoint."""
-    from m2f.jobs.train import TrainConfig, run
+    from m2f.jobs.train import run
 
     values = merged_options(ctx, config_file)
     required(values, "data", "output")

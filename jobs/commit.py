@@ -36,13 +36,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
+from m2f.jobs.configs import FLUSH_SECONDS
 from m2f.jobs.report import error_category
 from m2f.jobs.resume import ids_to_keys
 from m2f.pipeline.output import parquet_bytes, part_name
 from m2f.pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 from m2f.pipeline.storage import write_atomic
 
-FLUSH_SECONDS = 30.0  # the longest a finished row waits in the driver before it is committed
 MAX_QUEUED = 2  # files waiting for the upload thread before add() blocks
 
 

@@ -29,7 +29,7 @@ from m2f.pipeline.schema import STATUS_OK
 from m2f.pipeline.storage import storage_options
 
 if TYPE_CHECKING:
-    from m2f.jobs.segment import SegmentConfig
+    from m2f.jobs.configs import SegmentConfig
 
 PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes

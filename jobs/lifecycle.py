@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import IO
 
+from m2f.jobs.configs import GRACE_SECONDS
+
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
-GRACE_SECONDS = 20.0
-STALL_TIMEOUT = 900.0
 
 
 class Cancelled(Exception):  # noqa: N818 (it is a signal, not an error)

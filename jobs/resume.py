@@ -267,3 +267,13 @@ def read_work_files(
     paths = batch["path"].to_pylist()
     tables = [with_retries(lambda path=path: read_part(fs, path, ["image_uri"])) for path in paths]
     return pa.concat_tables(tables) if tables else pa.table({"image_uri": pa.array([], pa.string())})
+
+
+def remove_stale_work(fs: AbstractFileSystem, root: str) -> None:
+    """Work manifests of runs that were killed (one run per OUTPUT at a time, so none is live)."""
+    folder = posixpath.join(root, RUNS_DIR)
+    if not fs.isdir(folder):
+        return
+    for entry in fs.ls(folder, detail=True):
+        if entry["type"] == "directory" and entry["name"].rstrip("/").endswith("-work"):
+            fs.rm(entry["name"], recursive=True)

@@ -21,52 +21,16 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from m2f.jobs.cluster import connect
-from m2f.pipeline.storage import open_fs, redact, storage_options, write_atomic
+from m2f.jobs.configs import TrainConfig
+from m2f.pipeline.storage import open_fs, redact, write_atomic
 
 KEEP_CHECKPOINTS = 3
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str
-    output: str
-    format: str = "coco-panoptic"
-    annotations: str | None = None
-    images: str | None = None
-    masks: str | None = None
-    init: str | None = None
-    arch: str = "tiny"
-    workers: int = 1
-    use_gpu: bool = False
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    backbone_lr_mult: float = 0.1
-    clip_grad: float = 0.01  # official: full-model L2 norm clipped to 0.01
-    warmup_steps: int = 0
-    image_size: int = 512
-    min_scale: float = 0.1
-    max_scale: float = 2.0
-    num_points: int = 12544
-    checkpoint_every: int = 500
-    threads_per_worker: int = 1
-    seed: int = 0
-    endpoint_url: str | None = None
-    storage_options_json: str | None = None
-    ray_address: str | None = None
-    log_every: int = 1
-
-    def options(self, uri: str) -> dict[str, Any]:
-        return storage_options(uri, self.endpoint_url, self.storage_options_json)
 
 
 # ---------------------------------------------------------------- data

@@ -53,6 +53,11 @@ def run_file(root: str, run_id: str, suffix: str) -> str:
     return posixpath.join(root, RUNS_DIR, f"{run_id}{suffix}")
 
 
+def preview_index(root: str) -> str:
+    """The page that lists a run's previews."""
+    return posixpath.join(root, PREVIEWS_DIR, "index.html")
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     """A part file's bytes, ready for `storage.write_atomic`."""
     sink = io.BytesIO()

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 import m2f.jobs.resume as resume
 from m2f.cli import app
+from m2f.jobs.configs import SegmentConfig
 from m2f.jobs.dataflow import capacity_warnings, resolve_device
 from m2f.jobs.resume import (
     drop_superseded_errors,
@@ -37,7 +38,6 @@ from m2f.jobs.resume import (
     supersede,
     uri_key,
 )
-from m2f.jobs.segment import SegmentConfig
 from m2f.pipeline.schema import OUTPUT_SCHEMA, error_row, image_id, ok_row, rows_to_table
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import open_fs
