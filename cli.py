@@ -309,7 +309,7 @@ def synth(
 ) -> None:
     """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
     from m2f.pipeline.storage import storage_options as make_options
-    from m2f.pipeline.synthetic import generate
+    from m2f.pipeline.training.synthetic import generate
 
     summary = generate(output, n, seed, storage_options=make_options(output, endpoint_url, storage_options))
     typer.echo(

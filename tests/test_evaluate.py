@@ -33,7 +33,7 @@ from m2f.jobs.evaluate import EvaluateConfig, export_coco, run, stable_image_id
 from m2f.pipeline.encode import encode_segments, image_stats
 from m2f.pipeline.metrics import COCO_STAT_NAMES
 from m2f.pipeline.schema import error_row, image_id, ok_row, rows_to_table
-from m2f.pipeline.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate
+from m2f.pipeline.training.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate
 
 CATEGORY_IDS = [c["id"] for c in SYNTHETIC_CATEGORIES]
 CLASS_NAMES = [c["name"] for c in SYNTHETIC_CATEGORIES]
