@@ -59,15 +59,11 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from PIL import Image
 
-from m2f.pipeline.metrics import (
-    ConfusionMatrix,
-    PQAccumulator,
-    coco_mask_ap,
-    format_table,
-    image_ids_by_file_name,
-    segments_to_id_map,
-    to_coco_results,
-)
+from m2f.pipeline.metrics.coco_ap import coco_mask_ap, image_ids_by_file_name, to_coco_results
+from m2f.pipeline.metrics.confusion import ConfusionMatrix
+from m2f.pipeline.metrics.id_map import segments_to_id_map
+from m2f.pipeline.metrics.panoptic_quality import PQAccumulator
+from m2f.pipeline.metrics.table import format_table
 from m2f.pipeline.output import list_part_files, run_file
 from m2f.pipeline.schema import STATUS_OK
 from m2f.pipeline.storage import open_fs, storage_options, write_atomic

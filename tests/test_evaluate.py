@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from m2f.cli import app
 from m2f.jobs.evaluate import EvaluateConfig, export_coco, run, stable_image_id
 from m2f.pipeline.encode import encode_segments, image_stats
-from m2f.pipeline.metrics import COCO_STAT_NAMES
+from m2f.pipeline.metrics.coco_ap import COCO_STAT_NAMES
 from m2f.pipeline.schema import error_row, image_id, ok_row, rows_to_table
 from m2f.pipeline.training.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate
 
