@@ -294,7 +294,7 @@ def export_coco(
     Without --gt, image ids are int(image_id[:13], 16): 52 bits, so every JSON reader keeps them exact;
     stable, but not those of any COCO file.
     """
-    from m2f.jobs.evaluate import export_coco as export
+    from m2f.jobs.export_coco import export_coco as export
 
     raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options, result_format))
 

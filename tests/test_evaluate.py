@@ -29,7 +29,8 @@ from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
 from m2f.cli import app
-from m2f.jobs.evaluate import EvaluateConfig, export_coco, run, stable_image_id
+from m2f.jobs.evaluate import EvaluateConfig, run
+from m2f.jobs.export_coco import export_coco, stable_image_id
 from m2f.pipeline.encode import encode_segments, image_stats
 from m2f.pipeline.metrics.coco_ap import COCO_STAT_NAMES
 from m2f.pipeline.schema import error_row, image_id, ok_row, rows_to_table
