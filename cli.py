@@ -264,7 +264,7 @@ def export_coco(
     Without --gt, image ids are int(image_id[:13], 16): 52 bits, so every JSON reader keeps them exact;
     stable, but not those of any COCO file.
     """
-    from m2f.jobs.evaluate import export_coco as export
+    from m2f.jobs.export_coco import export_coco as export
 
     raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options, result_format))
 
@@ -279,7 +279,7 @@ def synth(
 ) -> None:
     """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
     from m2f.pipeline.storage import storage_options as make_options
-    from m2f.pipeline.synthetic import generate
+    from m2f.pipeline.training.synthetic import generate
 
     summary = generate(output, n, seed, storage_options=make_options(output, endpoint_url, storage_options))
     typer.echo(

@@ -10,7 +10,7 @@ raylet, GCS and agents, and its workers: the prepare tasks, the model actor, the
 of each process and the peak of each sum over time. A streaming job should need the same memory for 2 000
 images as for 200 (target: within 10 %).
 
-The images are small synthetic scenes (`--distinct` of them drawn with `pipeline.synthetic.generate`, repeated
+The images are small synthetic scenes (`--distinct` of them drawn with `pipeline.training.synthetic.generate`, repeated
 to make up N files) and the default model is `micro` (64-128 px inputs), so 2 000 images stay quick; the
 memory question is about the pipeline, not the model. `--model demo` measures with the bundled model.
 

@@ -3,7 +3,7 @@
     python -m bench.pipeline [--n 200] [--model demo] [--batch-size 4] [--actors 1] [--threads 1]
                              [--sources local,s3] [--repeats 1] [--ray-cpus N]
 
-The same synthetic scenes (`pipeline.synthetic.generate`, PNG, 128-320 px a side) go through
+The same synthetic scenes (`pipeline.training.synthetic.generate`, PNG, 128-320 px a side) go through
 - the bare loop: `model.load`, then per image read + decode + resize, per group of equal padded size
   `to_batch` + forward + `postprocess`, per image RLE encoding and statistics: everything the job computes,
   in one process, one step after another, nothing written;
@@ -109,7 +109,7 @@ def demo_architecture_config() -> Any:
 
 
 def _synthetic_classes() -> tuple[tuple[str, ...], tuple[bool, ...], tuple[int, ...]]:
-    from m2f.pipeline.synthetic import SYNTHETIC_CATEGORIES
+    from m2f.pipeline.training.synthetic import SYNTHETIC_CATEGORIES
 
     return (
         tuple(c["name"] for c in SYNTHETIC_CATEGORIES),
@@ -150,10 +150,10 @@ def write_images(
 ) -> None:
     """`n` synthetic scenes as `target/img-NNNNNN.png` (a folder or prefix, any fsspec URI).
 
-    `distinct` scenes (default: n) are drawn with `pipeline.synthetic.generate` and repeated in turn to make up
+    `distinct` scenes (default: n) are drawn with `pipeline.training.synthetic.generate` and repeated in turn to make up
     `n` files; each file is its own URI and so its own row.
     """
-    from m2f.pipeline.synthetic import generate
+    from m2f.pipeline.training.synthetic import generate
 
     k = n if distinct is None else max(1, min(n, distinct))
     with tempfile.TemporaryDirectory() as scratch:

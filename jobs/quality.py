@@ -18,9 +18,10 @@ import torch
 from m2f import model as m2f
 from m2f.model.postprocess import postprocess
 from m2f.model.preprocess import resize_image, to_batch
-from m2f.pipeline.datasets import CocoPanoptic
 from m2f.pipeline.encode import encode_segments
-from m2f.pipeline.metrics import PQAccumulator, coco_mask_ap
+from m2f.pipeline.metrics.coco_ap import coco_mask_ap
+from m2f.pipeline.metrics.panoptic_quality import PQAccumulator
+from m2f.pipeline.training.datasets import CocoPanoptic
 
 
 def score(net: m2f.Mask2Former, data: str, *, limit: int | None = None) -> dict[str, Any]:

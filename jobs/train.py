@@ -38,7 +38,7 @@ KEEP_CHECKPOINTS = 3
 
 def open_dataset(cfg: TrainConfig):
     """The dataset reader for `cfg.format`, with the synthetic/COCO default layout under DATA."""
-    from m2f.pipeline import datasets
+    from m2f.pipeline.training import datasets
 
     root = cfg.data.rstrip("/")
     opts = cfg.options(root)
@@ -210,7 +210,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from m2f.model.criterion import LossConfig, SetCriterion
     from m2f.model.safe_pickle import load_torch
-    from m2f.pipeline.augment import collate, large_scale_jitter, random_flip
+    from m2f.pipeline.training.augment import collate, large_scale_jitter, random_flip
 
     cfg = TrainConfig(**loop_config)
     ctx = ray.train.get_context()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2f.pipeline.augment import (
+from m2f.pipeline.training.augment import (
     collate,
     large_scale_jitter,
     pad,
@@ -15,7 +15,7 @@ from m2f.pipeline.augment import (
     resize,
     resize_shortest_edge,
 )
-from m2f.pipeline.datasets import Sample
+from m2f.pipeline.training.datasets import Sample
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)

@@ -10,15 +10,15 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from m2f.pipeline.datasets import (
+from m2f.pipeline.groundtruth import contiguous_mapping
+from m2f.pipeline.training.datasets import (
     CocoInstances,
     CocoPanoptic,
     Sample,
     SemanticMasks,
-    contiguous_mapping,
     decode_segmentation,
 )
-from m2f.pipeline.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate, render_scene
+from m2f.pipeline.training.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate, render_scene
 
 N = 4
 SEED = 11

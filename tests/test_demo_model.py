@@ -11,7 +11,7 @@ import pytest
 
 from m2f import model as m2f
 from m2f.jobs.quality import score
-from m2f.pipeline.synthetic import generate
+from m2f.pipeline.training.synthetic import generate
 
 FRESH_SEED = 424242  # never used for training (1), monitoring (500) or the README's held-out set (1000)
 # Floors well below the README's figures (see there), so that scene-to-scene variance on 24 images

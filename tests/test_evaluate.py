@@ -29,11 +29,12 @@ from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
 from m2f.cli import app
-from m2f.jobs.evaluate import EvaluateConfig, export_coco, run, stable_image_id
+from m2f.jobs.evaluate import EvaluateConfig, run
+from m2f.jobs.export_coco import export_coco, stable_image_id
 from m2f.pipeline.encode import encode_segments, image_stats
-from m2f.pipeline.metrics import COCO_STAT_NAMES
+from m2f.pipeline.metrics.coco_ap import COCO_STAT_NAMES
 from m2f.pipeline.schema import error_row, image_id, ok_row, rows_to_table
-from m2f.pipeline.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate
+from m2f.pipeline.training.synthetic import SYNTHETIC_CATEGORIES, THING_IDS, generate
 
 CATEGORY_IDS = [c["id"] for c in SYNTHETIC_CATEGORIES]
 CLASS_NAMES = [c["name"] for c in SYNTHETIC_CATEGORIES]

@@ -13,17 +13,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from m2f.pipeline.metrics import (
-    COCO_STAT_NAMES,
-    ConfusionMatrix,
-    PQAccumulator,
-    coco_mask_ap,
-    format_table,
-    image_ids_by_file_name,
-    panoptic_image_stats,
-    segments_to_id_map,
-    to_coco_results,
-)
+from m2f.pipeline.metrics.coco_ap import COCO_STAT_NAMES, coco_mask_ap, image_ids_by_file_name, to_coco_results
+from m2f.pipeline.metrics.confusion import ConfusionMatrix
+from m2f.pipeline.metrics.id_map import segments_to_id_map
+from m2f.pipeline.metrics.panoptic_quality import PQAccumulator, panoptic_image_stats
+from m2f.pipeline.metrics.table import format_table
 
 # ------------------------------------------------------------------------------------------------
 # Panoptic quality: slow reference over sets of pixels

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from m2f.pipeline.synthetic import (
+from m2f.pipeline.training.synthetic import (
     MAX_SIDE,
     MAX_THINGS,
     MIN_SIDE,

@@ -17,7 +17,7 @@ from m2f import model as m2f
 from m2f.cli import app
 from m2f.jobs.train import TrainConfig, build_for_training, lr_factor, param_groups
 from m2f.model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, ResNetConfig
-from m2f.pipeline.synthetic import SYNTHETIC_CATEGORIES, generate
+from m2f.pipeline.training.synthetic import SYNTHETIC_CATEGORIES, generate
 from tests.processes import kill_tree
 
 FAST = ["--image-size", "64", "--min-scale", "0.8", "--max-scale", "1.0", "--num-points", "256", "--batch-size", "1"]

@@ -1,18 +1,19 @@
-"""Training and evaluation data readers: COCO panoptic, COCO instances and semantic PNGs, from any fsspec URI.
+"""Training data readers: COCO panoptic, COCO instances and semantic PNGs, from any fsspec URI.
 
 Every reader turns its format into the one target Mask2Former trains on: per-segment binary masks
 plus contiguous class ids (`Sample`). Readers hold only the parsed annotation index, so they are cheap
 to pickle into Ray workers; pixels are read in `load(i)`.
 
-Contiguous ids follow the categories sorted by dataset id (detectron2's convention), so the order does
-not depend on how a JSON file happens to list them.
+What a label file means (panoptic colours, label PNGs, the ignore label, category order) is
+`pipeline.groundtruth`'s, the reader `m2f evaluate` uses too, so a model is scored on the labels
+it was trained on.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +22,17 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
-IGNORE = 255  # semantic label of unlabelled pixels
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from m2f.pipeline.groundtruth import (
+    IGNORE,
+    check_class_count,
+    contiguous_mapping,
+    files_by_stem,
+    read_label_png,
+    read_panoptic_png,
+    read_rgb,
+    sort_by_id,
+)
+from m2f.pipeline.sources import is_image_name
 
 
 @dataclass(frozen=True)
@@ -60,26 +70,14 @@ class Sample:
             raise ValueError(f"valid must be ({h}, {w}) bool, got {self.valid.shape} {self.valid.dtype}")
 
 
-def contiguous_mapping(categories: Sequence[Mapping[str, Any]]) -> dict[int, int]:
-    """Dataset category id -> contiguous index (the position in `categories`)."""
-    mapping: dict[int, int] = {}
-    for index, category in enumerate(categories):
-        cid = int(category["id"])
-        if cid in mapping:
-            raise ValueError(f"duplicate category id {cid} in categories")
-        mapping[cid] = index
-    return mapping
-
-
 def _sorted_categories(categories: Sequence[Mapping[str, Any]], default_isthing: int) -> list[dict[str, Any]]:
     """Categories sorted by id, each with at least id, name and isthing."""
     if not categories:
         raise ValueError("the annotation file lists no categories")
-    out = []
-    for c in sorted(categories, key=lambda c: int(c["id"])):
-        out.append({**c, "id": int(c["id"]), "name": str(c["name"]), "isthing": int(c.get("isthing", default_isthing))})
-    contiguous_mapping(out)  # rejects duplicate ids
-    return out
+    return [
+        {**c, "id": int(c["id"]), "name": str(c["name"]), "isthing": int(c.get("isthing", default_isthing))}
+        for c in sort_by_id(categories)
+    ]
 
 
 def _join(base: str, name: str) -> str:
@@ -94,16 +92,8 @@ def _read_json(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
 
 def _read_rgb(uri: str, storage_options: dict[str, Any]) -> np.ndarray:
     """(H, W, 3) uint8 RGB pixels of an image file, whatever its stored mode (L, P, RGBA, ...)."""
-    with fsspec.open(uri, "rb", **storage_options) as f, Image.open(f) as image:
-        return np.array(image.convert("RGB") if image.mode != "RGB" else image)
-
-
-def _read_label(uri: str, storage_options: dict[str, Any]) -> np.ndarray:
-    """(H, W) integer class indices of a single-channel PNG; palette PNGs give their indices, not colours."""
-    with fsspec.open(uri, "rb", **storage_options) as f, Image.open(f) as image:
-        if image.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{uri}: a label PNG must be single-channel (L, P or I), got mode {image.mode}")
-        return np.array(image)
+    with fsspec.open(uri, "rb", **storage_options) as f:
+        return read_rgb(f)
 
 
 def _read_image(record: Record, storage_options: dict[str, Any]) -> np.ndarray:
@@ -124,7 +114,48 @@ def _stack(masks: list[np.ndarray], labels: list[int], h: int, w: int) -> tuple[
     return stacked.astype(bool, copy=False), np.array([labels[k] for k in keep], dtype=np.int64)
 
 
-class CocoPanoptic:
+class _CocoReader:
+    """What both COCO readers share: the JSON's sorted categories, one `Record` per image, `load`.
+
+    Subclasses fill `_records` and say in `_targets` which (mask, contiguous label) pairs an image has.
+    """
+
+    def __init__(self, categories: Sequence[Mapping[str, Any]], storage_options: dict[str, Any]) -> None:
+        self.storage_options = storage_options
+        self.categories = _sorted_categories(categories, default_isthing=1)
+        self._mapping = contiguous_mapping(self.categories)
+        self._records: list[Record] = []
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def record(self, i: int) -> Record:
+        return self._records[i]
+
+    def load(self, i: int) -> Sample:
+        record = self._records[i]
+        image = _read_image(record, self.storage_options)
+        masks, labels = self._targets(i, record, image)
+        masks_arr, labels_arr = _stack(masks, labels, record.height, record.width)
+        return Sample(image, masks_arr, labels_arr, record.image_id, record.file_name)
+
+    def _targets(self, i: int, record: Record, image: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _image_record(image: Mapping[str, Any], image_dir_uri: str, label_uri: str | None = None) -> Record:
+        """The `Record` of one entry of a COCO JSON's "images"."""
+        return Record(
+            image_id=image["id"],
+            file_name=image["file_name"],
+            image_uri=_join(image_dir_uri, image["file_name"]),
+            height=int(image["height"]),
+            width=int(image["width"]),
+            label_uri=label_uri,
+        )
+
+
+class CocoPanoptic(_CocoReader):
     """COCO panoptic: a JSON index plus one RGB PNG per image whose colour R + 256 G + 256^2 B is a segment id.
 
     Crowd segments are left out of the targets (their pixels have no mask), as in Mask2Former's
@@ -138,12 +169,10 @@ class CocoPanoptic:
         image_dir_uri: str,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.storage_options = dict(storage_options or {})
-        data = _read_json(json_uri, self.storage_options)
-        self.categories = _sorted_categories(data.get("categories", []), default_isthing=1)
-        self._mapping = contiguous_mapping(self.categories)
+        options = dict(storage_options or {})
+        data = _read_json(json_uri, options)
+        super().__init__(data.get("categories", []), options)
         annotations = {a["image_id"]: a for a in data.get("annotations", [])}
-        self._records: list[Record] = []
         self._segments: list[list[dict[str, Any]]] = []
         for image in data.get("images", []):
             annotation = annotations.get(image["id"])
@@ -152,42 +181,24 @@ class CocoPanoptic:
             for s in annotation["segments_info"]:
                 if s["category_id"] not in self._mapping:
                     raise ValueError(f"{json_uri}: segment {s['id']} has unknown category id {s['category_id']}")
-            self._records.append(
-                Record(
-                    image_id=image["id"],
-                    file_name=image["file_name"],
-                    image_uri=_join(image_dir_uri, image["file_name"]),
-                    height=int(image["height"]),
-                    width=int(image["width"]),
-                    label_uri=_join(png_dir_uri, annotation["file_name"]),
-                )
-            )
+            self._records.append(self._image_record(image, image_dir_uri, _join(png_dir_uri, annotation["file_name"])))
             self._segments.append(annotation["segments_info"])
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def record(self, i: int) -> Record:
-        return self._records[i]
-
-    def load(self, i: int) -> Sample:
-        record = self._records[i]
-        image = _read_image(record, self.storage_options)
-        rgb = _read_rgb(record.label_uri, self.storage_options).astype(np.uint32)  # (H, W, 3)
-        if rgb.shape[:2] != image.shape[:2]:
-            raise ValueError(f"{record.label_uri}: panoptic PNG is {rgb.shape[:2]}, image is {image.shape[:2]}")
-        ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # (H, W) segment ids, 0 = void
+    def _targets(self, i: int, record: Record, image: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+        with fsspec.open(record.label_uri, "rb", **self.storage_options) as f:
+            ids = read_panoptic_png(f)  # (H, W) segment ids, 0 = void
+        if ids.shape != image.shape[:2]:
+            raise ValueError(f"{record.label_uri}: panoptic PNG is {ids.shape}, image is {image.shape[:2]}")
         masks, labels = [], []
         for s in self._segments[i]:
             if s.get("iscrowd", 0):
                 continue
             masks.append(ids == s["id"])
             labels.append(self._mapping[s["category_id"]])
-        masks_arr, labels_arr = _stack(masks, labels, record.height, record.width)
-        return Sample(image, masks_arr, labels_arr, record.image_id, record.file_name)
+        return masks, labels
 
 
-class CocoInstances:
+class CocoInstances(_CocoReader):
     """COCO instances: one JSON with polygons, uncompressed RLE or compressed RLE per object.
 
     Crowd annotations are left out of the targets (Mask2Former trains on non-crowd instances only).
@@ -195,44 +206,25 @@ class CocoInstances:
     """
 
     def __init__(self, json_uri: str, image_dir_uri: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.storage_options = dict(storage_options or {})
-        data = _read_json(json_uri, self.storage_options)
-        self.categories = _sorted_categories(data.get("categories", []), default_isthing=1)
-        self._mapping = contiguous_mapping(self.categories)
+        options = dict(storage_options or {})
+        data = _read_json(json_uri, options)
+        super().__init__(data.get("categories", []), options)
         by_image: dict[Any, list[dict[str, Any]]] = {}
         for a in data.get("annotations", []):
             if a["category_id"] not in self._mapping:
                 raise ValueError(f"{json_uri}: annotation {a.get('id')} has unknown category id {a['category_id']}")
             by_image.setdefault(a["image_id"], []).append(a)
-        self._records = [
-            Record(
-                image_id=image["id"],
-                file_name=image["file_name"],
-                image_uri=_join(image_dir_uri, image["file_name"]),
-                height=int(image["height"]),
-                width=int(image["width"]),
-            )
-            for image in data.get("images", [])
-        ]
+        self._records = [self._image_record(image, image_dir_uri) for image in data.get("images", [])]
         self._annotations = [by_image.get(r.image_id, []) for r in self._records]
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def record(self, i: int) -> Record:
-        return self._records[i]
-
-    def load(self, i: int) -> Sample:
-        record = self._records[i]
-        image = _read_image(record, self.storage_options)
+    def _targets(self, i: int, record: Record, image: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
         masks, labels = [], []
         for a in self._annotations[i]:
             if a.get("iscrowd", 0):
                 continue
             masks.append(decode_segmentation(a["segmentation"], record.height, record.width))
             labels.append(self._mapping[a["category_id"]])
-        masks_arr, labels_arr = _stack(masks, labels, record.height, record.width)
-        return Sample(image, masks_arr, labels_arr, record.image_id, record.file_name)
+        return masks, labels
 
 
 def decode_segmentation(segmentation: Any, h: int, w: int) -> np.ndarray:
@@ -271,14 +263,13 @@ class SemanticMasks:
         self.storage_options = dict(storage_options or {})
         if not categories:
             raise ValueError("categories must name at least one class")
-        if len(categories) >= IGNORE:
-            raise ValueError(f"at most {IGNORE} classes fit an 8-bit label PNG with {IGNORE} = ignore")
+        check_class_count(len(categories), "categories")
         self.categories = [
             {"id": k, "name": c, "isthing": 0} if isinstance(c, str) else {"isthing": 0, **c}
             for k, c in enumerate(categories)
         ]
-        images = _list_stems(image_dir_uri, IMAGE_EXTENSIONS, self.storage_options)
-        labels = _list_stems(mask_dir_uri, (".png",), self.storage_options)
+        images = _list_stems(image_dir_uri, is_image_name, self.storage_options)
+        labels = _list_stems(mask_dir_uri, lambda name: name.lower().endswith(".png"), self.storage_options)
         stems = sorted(set(images) & set(labels))
         if not stems:
             raise ValueError(f"no image in {image_dir_uri} has a label PNG of the same stem in {mask_dir_uri}")
@@ -297,7 +288,8 @@ class SemanticMasks:
     def load(self, i: int) -> Sample:
         stem, image_uri, label_uri = self._items[i]
         image = _read_rgb(image_uri, self.storage_options)
-        label = _read_label(label_uri, self.storage_options)  # (H, W)
+        with fsspec.open(label_uri, "rb", **self.storage_options) as f:
+            label = read_label_png(f, label_uri)  # (H, W)
         if label.shape != image.shape[:2]:
             raise ValueError(f"{label_uri}: label is {label.shape}, image {image_uri} is {image.shape[:2]}")
         present = np.unique(label)
@@ -308,17 +300,9 @@ class SemanticMasks:
         return Sample(image, masks, present.astype(np.int64), stem, posixpath.basename(image_uri))
 
 
-def _list_stems(dir_uri: str, extensions: tuple[str, ...], storage_options: dict[str, Any]) -> dict[str, str]:
-    """File stem -> file name for the files in `dir_uri` with one of `extensions` (case-insensitive)."""
+def _list_stems(dir_uri: str, wanted: Callable[[str], bool], storage_options: dict[str, Any]) -> dict[str, str]:
+    """File stem -> file name for the files in `dir_uri` whose name `wanted` accepts."""
     fs, path = fsspec.core.url_to_fs(dir_uri, **storage_options)
     if not fs.isdir(path):
         raise ValueError(f"not a directory: {dir_uri}")
-    out: dict[str, str] = {}
-    for entry in fs.ls(path, detail=False):
-        name = posixpath.basename(entry.rstrip("/"))
-        stem, ext = posixpath.splitext(name)
-        if ext.lower() in extensions:
-            if stem in out:
-                raise ValueError(f"{dir_uri}: two files share the stem {stem!r} ({out[stem]}, {name})")
-            out[stem] = name
-    return out
+    return files_by_stem(fs, path, wanted, dir_uri)

@@ -4,7 +4,7 @@ Each scene is a textured `sky` above a slightly sloped horizon and textured `gro
 with 1-6 circles, rotated rectangles and triangles (things) painted on top, later ones occluding
 earlier ones. Labels are exact: images are PNG and every pixel belongs to exactly one segment.
 
-`generate` writes a data set in the three formats the readers in `pipeline.datasets` accept (COCO
+`generate` writes a data set in the three formats the readers in `pipeline.training.datasets` accept (COCO
 panoptic, COCO instances, semantic PNGs). The seed alone determines every byte, so a held-out set is
 simply a seed that training never used.
 """
@@ -21,6 +21,8 @@ import fsspec
 import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
+
+from m2f.pipeline.groundtruth import IGNORE, panoptic_rgb
 
 # Fixed order = the model's contiguous class order (things first, so the things-only instances file
 # maps onto the same first three indices).
@@ -39,7 +41,6 @@ MIN_THINGS, MAX_THINGS = 1, 6
 MIN_SIZE, MAX_SIZE = 0.10, 0.45  # thing extent as a fraction of the shorter image side
 MIN_VISIBLE_PX = 16  # things occluded below this are dropped: nobody could label them
 MIN_COLOR_DISTANCE = 60  # L1 over RGB; keeps every boundary visible to the model
-IGNORE = 255
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,9 +197,8 @@ def generate(out: str, n: int, seed: int, *, storage_options: dict[str, Any] | N
                 )
         panoptic_annotations.append({"image_id": image_id, "file_name": name, "segments_info": segments_info})
 
-        rgb_ids = np.stack([(panoptic_ids >> s) & 255 for s in (0, 8, 16)], axis=-1).astype(np.uint8)  # (H, W, 3)
         _write(fs, posixpath.join(root, "images", name), _png(image))
-        _write(fs, posixpath.join(root, "panoptic", name), _png(rgb_ids))
+        _write(fs, posixpath.join(root, "panoptic", name), _png(panoptic_rgb(panoptic_ids)))  # (H, W, 3)
         _write(fs, posixpath.join(root, "semantic", name), _png(semantic))
 
     info = {"description": "m2f synthetic scenes", "seed": seed}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m2f.pipeline.datasets import Sample
+from m2f.pipeline.training.datasets import Sample
 
 Resample = Literal["bilinear", "nearest"]
 

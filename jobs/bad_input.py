@@ -1,0 +1,31 @@
+"""Input `m2f evaluate` and `m2f export-coco` cannot use: one error type, one line on stderr, exit code 2.
+
+A user who points evaluation at the wrong folder or file needs to read which file and why, not a
+traceback; a scheduler needs a stable exit code. Both jobs catch `USER_ERRORS` at their entry point
+and report them with `report_error`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+class BadInput(ValueError):
+    """User input the job cannot evaluate; the message says which file and why."""
+
+
+# Errors that mean "this input cannot be evaluated": reported in one line, exit code 2.
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def report_error(e: BaseException) -> None:
+    """Print one of `USER_ERRORS` as one `error: ...` line on stderr."""
+    if isinstance(e, KeyError):
+        message = f"malformed input: a record lacks the field {e}"
+    elif isinstance(e, FileNotFoundError):
+        message = f"not found: {e.filename or e}"
+    else:
+        message = str(e) or type(e).__name__
+    print(f"error: {message}", file=sys.stderr)

@@ -1,0 +1,46 @@
+"""The JSON files evaluation reads (ground truth, class lists) and writes (metrics, COCO exports).
+
+Reading checks what a user can get wrong (a missing file, invalid JSON, the wrong kind of COCO file)
+and says so as `BadInput`; writing is atomic, so a scheduler never reads half a metrics file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from m2f.jobs.bad_input import BadInput
+from m2f.pipeline.storage import open_fs, storage_options, write_atomic
+
+
+def read_json(uri: str, options: dict[str, Any], what: str) -> Any:
+    """The parsed JSON at `uri`; `what` names the file in the error ("ground truth", "categories")."""
+    fs, path = open_fs(uri, options)
+    if not fs.isfile(path):
+        raise BadInput(f"{what} not found: {uri}")
+    with fs.open(path, "rb") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{what} {uri} is not valid JSON: {e.msg} at line {e.lineno}") from None
+
+
+def require(data: Any, keys: Sequence[str], uri: str, what: str) -> None:
+    """Refuse `data` unless it is an object holding a list under each of `keys` (a `what` JSON)."""
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in keys):
+        raise BadInput(f"{uri} is not a {what} JSON: it needs the lists {list(keys)}")
+
+
+def write_json(uri: str, data: Any, endpoint_url: str | None, storage_options_json: str | None) -> None:
+    fs, path = open_fs(uri, storage_options(uri, endpoint_url, storage_options_json))
+    write_atomic(fs, path, json.dumps(data, default=json_scalar) + "\n")
+
+
+def json_scalar(value: Any) -> Any:
+    """numpy scalars (COCOeval's category ids are np.int64) as plain Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -1,0 +1,1 @@
+"""Training data, apart from the segment stages: dataset readers, augmentation, synthetic scenes."""
