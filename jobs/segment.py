@@ -70,14 +70,14 @@ from m2f.jobs.resume import (
     supersede,
 )
 from m2f.model.config import TASKS
-from m2f.pipeline.infer import PRECISIONS, model_label, scrub, secret_values
+from m2f.pipeline.infer import PRECISIONS, model_label
 from m2f.pipeline.output import PREVIEWS_DIR, RUNS_DIR, run_file
+from m2f.pipeline.secrets import redact, scrub, secret_values
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import (
     StorageError,
     open_fs,
     qualify,
-    redact,
     storage_failure,
     storage_options,
     with_retries,

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from m2f.jobs.cluster import connect
-from m2f.pipeline.storage import open_fs, redact, storage_options, write_atomic
+from m2f.pipeline.secrets import redact
+from m2f.pipeline.storage import open_fs, storage_options, write_atomic
 
 KEEP_CHECKPOINTS = 3
 
