@@ -1,20 +1,25 @@
-"""Opening filesystems: fsspec options for a URI, and what kind of filesystem a path lives on.
+"""Opening filesystems: fsspec options for a URI, the `Storage` that carries them, and what a filesystem is.
 
 Every input and output goes through fsspec, so the same code reads a local folder, S3 or an
 S3-compatible store. Credentials never pass through here as arguments we log: they come from the
-usual AWS environment variables (read by botocore) or from `--storage-options`, and
-`m2f.pipeline.secrets.redact` masks any configuration before it reaches a report or a log line.
+usual AWS environment variables (read by botocore) or from `--storage-options`, and a `Storage`
+shows them redacted.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+from m2f.pipeline.secrets import redact
 
 # Protocols whose "rename" is a copy + delete (not atomic) but whose single PUT is atomic.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2", "memory"})
@@ -43,8 +48,15 @@ def storage_options(uri: str, endpoint_url: str | None = None, options_json: str
     command line can read from a custom endpoint and write to a local folder. `options_json` is
     the user's `--storage-options` object, merged on top (its `client_kwargs` merged key by key).
     Local paths get no options: a local filesystem has nothing to configure and must not receive
-    S3 settings. Errors never echo the JSON text, which may hold a secret.
+    S3 settings, so the JSON is not even parsed for them. Errors never echo the JSON text, which
+    may hold a secret.
     """
+    return _options_for(uri, endpoint_url, lambda: _parse_options(options_json) if options_json else {})
+
+
+def _options_for(uri: str, endpoint_url: str | None, user_options: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`storage_options` with the user's options parsed by `user_options`, called for remote URIs only
+    (after the endpoint is checked, so a bad endpoint is reported before bad JSON)."""
     protocol = protocol_of(uri)
     if protocol in LOCAL_PROTOCOLS:
         return {}
@@ -53,8 +65,8 @@ def storage_options(uri: str, endpoint_url: str | None = None, options_json: str
         if not re.match(r"^https?://", endpoint_url):
             raise ValueError(f"--endpoint-url must start with http:// or https://, got {endpoint_url!r}")
         options["client_kwargs"] = {"endpoint_url": endpoint_url}
-    if options_json:
-        user = _parse_options(options_json)
+    user = user_options()
+    if user:
         client = {**options.get("client_kwargs", {}), **user.get("client_kwargs", {})}
         options.update(user)
         if client:
@@ -68,11 +80,15 @@ def _parse_options(options_json: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         # e.msg and the position only: the document itself may contain credentials.
         raise ValueError(f"--storage-options is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    _check_options(user)
+    return user
+
+
+def _check_options(user: Any) -> None:
     if not isinstance(user, dict):
         raise ValueError(f"--storage-options must be a JSON object, got a JSON {type(user).__name__}")
     if "client_kwargs" in user and not isinstance(user["client_kwargs"], dict):
         raise ValueError("--storage-options: 'client_kwargs' must be a JSON object")
-    return user
 
 
 def open_fs(uri: str, options: dict[str, Any]) -> tuple[AbstractFileSystem, str]:
@@ -123,3 +139,38 @@ def qualify(fs: AbstractFileSystem, path: str) -> str:
     if is_local(fs):
         return os.path.abspath(path)
     return fs.unstrip_protocol(path)
+
+
+@dataclass(frozen=True, repr=False)
+class Storage:
+    """How to reach storage: the `--endpoint-url` and the parsed `--storage-options`, as one value.
+
+    Picklable (it travels to Ray workers) and safe to print: its repr redacts secrets. The endpoint is
+    checked where it applies, on s3:// URIs (as `storage_options` does), so a run whose paths are all
+    local is not refused for an endpoint it never uses.
+    """
+
+    endpoint_url: str | None = None
+    user_options: dict[str, Any] = field(default_factory=dict, hash=False)  # the --storage-options object
+
+    def __post_init__(self) -> None:
+        _check_options(self.user_options)
+
+    @classmethod
+    def from_cli(cls, endpoint_url: str | None = None, options_json: str | None = None) -> Storage:
+        """The Storage for the CLI's `--endpoint-url` and `--storage-options` (JSON) strings.
+
+        Raises ValueError, without echoing the JSON (it may hold a secret), when it is not an object.
+        """
+        return cls(endpoint_url or None, _parse_options(options_json) if options_json else {})
+
+    def options(self, uri: str) -> dict[str, Any]:
+        """fsspec keyword arguments for `uri`: what `storage_options(uri, endpoint_url, options_json)` gives."""
+        return _options_for(uri, self.endpoint_url, lambda: copy.deepcopy(self.user_options))
+
+    def open(self, uri: str) -> tuple[AbstractFileSystem, str]:
+        """The filesystem for `uri` and the path inside it (`open_fs` with this storage's options)."""
+        return open_fs(uri, self.options(uri))
+
+    def __repr__(self) -> str:
+        return f"Storage(endpoint_url={redact(self.endpoint_url)!r}, user_options={redact(self.user_options)!r})"
