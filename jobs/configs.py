@@ -10,7 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from m2f.pipeline.storage import redact, storage_options
+from m2f.pipeline.secrets import redact
+from m2f.pipeline.storage import storage_options
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes: pipeline.infer maps each to torch's

@@ -62,8 +62,8 @@ from m2f.jobs.resume import (
     scan_output,
 )
 from m2f.jobs.segment_end import finish
-from m2f.pipeline.infer import scrub, secret_values
 from m2f.pipeline.output import run_file
+from m2f.pipeline.secrets import scrub, secret_values
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import open_fs, qualify, storage_failure, storage_options, write_atomic
 

@@ -16,8 +16,8 @@ import numpy as np
 from m2f.jobs.failure import Failure, one_line
 from m2f.jobs.report import summary_table
 from m2f.jobs.resume import supersede
-from m2f.pipeline.infer import scrub
 from m2f.pipeline.output import preview_index, run_file
+from m2f.pipeline.secrets import scrub
 from m2f.pipeline.storage import qualify, with_retries, write_atomic
 
 if TYPE_CHECKING:

@@ -28,7 +28,8 @@ import torch
 
 from m2f.jobs.cluster import connect
 from m2f.jobs.configs import TrainConfig
-from m2f.pipeline.storage import open_fs, redact, write_atomic
+from m2f.pipeline.secrets import redact
+from m2f.pipeline.storage import open_fs, write_atomic
 
 KEEP_CHECKPOINTS = 3
 

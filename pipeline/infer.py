@@ -12,7 +12,6 @@ image's error row untouched. Nothing in a batch raises for one bad input.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,8 @@ from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
 from m2f.pipeline.decode import DecodeError, decode_image
 from m2f.pipeline.encode import encode_segments, image_stats
 from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
-from m2f.pipeline.storage import REDACTED, open_fs, protocol_of, redact, storage_options, with_retries
+from m2f.pipeline.secrets import scrub, secret_values
+from m2f.pipeline.storage import open_fs, protocol_of, storage_options, with_retries
 
 # One listed image between the prepare stage and the model. Sentinels instead of nulls (0 sizes,
 # -1 bytes) keep the integer columns integer when Ray hands them over as numpy arrays.
@@ -46,45 +46,8 @@ WORK_SCHEMA = pa.schema(
     ]
 )
 
-SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 READ_THREADS = 8  # concurrent reads per prepare task: object-store GETs wait on the network, not the CPU
-
-
-# --- secrets --------------------------------------------------------------------------------------
-
-
-def secret_values(options: Mapping[str, Any] | None = None) -> list[str]:
-    """Every secret string we know of: values that `redact` hides in `options`, and AWS variables.
-
-    Used to scrub error messages of third-party libraries before they become rows or log lines.
-    """
-    found: list[str] = []
-
-    def walk(original: Any, hidden: bool) -> None:
-        """Collect the strings under a secret-looking key, however deep."""
-        if isinstance(original, dict):
-            masked = redact(original)
-            for key, value in original.items():
-                walk(value, hidden or (masked[key] == REDACTED and value != REDACTED))
-        elif isinstance(original, list | tuple):
-            for value in original:
-                walk(value, hidden)
-        elif hidden and isinstance(original, str) and original:
-            found.append(original)
-
-    if options:
-        walk(dict(options), False)
-    found.extend(os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name))
-    return sorted(set(found), key=len, reverse=True)  # longest first: a secret containing another
-
-
-def scrub(text: str, secrets: Sequence[str]) -> str:
-    """`text` with every secret replaced by "***" (and URL user:password parts hidden)."""
-    for secret in secrets:
-        if len(secret) >= 4:  # shorter "secrets" would garble ordinary words
-            text = text.replace(secret, REDACTED)
-    return redact(text)
 
 
 def describe(e: BaseException) -> str:

@@ -20,8 +20,9 @@ from m2f.model import ModelConfig, build_model, save
 from m2f.model.config import DecoderConfig, PixelDecoderConfig, PostprocessConfig, PreprocessConfig, ResNetConfig
 from m2f.model.preprocess import padded_size, resize_image, resized_shape
 from m2f.pipeline.decode import decode_image
-from m2f.pipeline.infer import WORK_SCHEMA, Segmenter, model_label, prepare_images, scrub, secret_values
+from m2f.pipeline.infer import WORK_SCHEMA, Segmenter, model_label, prepare_images
 from m2f.pipeline.schema import OUTPUT_SCHEMA, image_id
+from m2f.pipeline.secrets import scrub, secret_values
 from tests.conftest import TEST_SECRETS
 
 CLASS_NAMES = ("sky", "ground", "blob")

@@ -13,12 +13,12 @@ import pytest
 
 from m2f.pipeline import sources
 from m2f.pipeline.decode import DecodeError, decode_image
+from m2f.pipeline.secrets import redact
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import (
     is_temporary,
     open_fs,
     qualify,
-    redact,
     remove_temporaries,
     storage_options,
     temporary_path,

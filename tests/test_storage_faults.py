@@ -44,7 +44,6 @@ from fsspec import AbstractFileSystem
 from s3fs.errors import translate_boto_error
 
 from m2f.model.config import PreprocessConfig
-from m2f.pipeline import storage
 from m2f.pipeline.infer import prepare_images
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import (
@@ -52,6 +51,7 @@ from m2f.pipeline.storage import (
     StorageError,
     is_transient,
     open_fs,
+    retries,
     storage_failure,
     storage_options,
     with_retries,
@@ -74,7 +74,7 @@ NO_BOTOCORE_RETRY = json.dumps({"config_kwargs": {"retries": {"total_max_attempt
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Our backoff base in milliseconds (M2F_STORAGE_BACKOFF_S does the same for a process)."""
-    monkeypatch.setattr(storage, "STORAGE_BACKOFF_S", 0.005)
+    monkeypatch.setattr(retries, "STORAGE_BACKOFF_S", 0.005)
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_a_persistent_fault_is_that_image_s_error_row(s3_server: str, images: di
     one_clean_line(rows[bad]["error"])
     assert all(rows[u]["status"] == "ok" for u in uris if u != bad)
     # Every one of our attempts reached the server (botocore adds its own one retry to each).
-    assert proxy.faults["always"] >= storage.STORAGE_ATTEMPTS, proxy.faults
+    assert proxy.faults["always"] >= retries.STORAGE_ATTEMPTS, proxy.faults
     assert elapsed < 30
 
 
@@ -347,7 +347,7 @@ def test_listing_without_credentials_fails_at_once_with_one_line(
 def test_listing_an_unreachable_endpoint_fails_within_a_minute(
     aws_credentials: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "STORAGE_BACKOFF_S", 0.5)  # the real backoff: this times the real thing
+    monkeypatch.setattr(retries, "STORAGE_BACKOFF_S", 0.5)  # the real backoff: this times the real thing
     endpoint = f"http://127.0.0.1:{closed_port()}"
     uri = "s3://bucket/images/"
     start = time.monotonic()
@@ -391,7 +391,7 @@ def test_storage_failure_names_the_cause(s3_server: str) -> None:
 
 
 def test_attempts_and_backoff_come_from_the_environment() -> None:
-    code = "from pipeline import storage; print(storage.STORAGE_ATTEMPTS, storage.STORAGE_BACKOFF_S)"
+    code = "from m2f.pipeline.storage import retries; print(retries.STORAGE_ATTEMPTS, retries.STORAGE_BACKOFF_S)"
     env = {**os.environ, "M2F_STORAGE_ATTEMPTS": "3", "M2F_STORAGE_BACKOFF_S": "0.25"}
     run = functools.partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     done = run(env=env, check=True)
@@ -399,5 +399,5 @@ def test_attempts_and_backoff_come_from_the_environment() -> None:
     env["M2F_STORAGE_ATTEMPTS"] = "0"
     done = run(env=env)
     assert done.returncode != 0 and "M2F_STORAGE_ATTEMPTS must be >= 1" in done.stderr
-    for retry, ceiling in ((1, 0.005), (2, 0.01), (5, 0.08), (20, storage.STORAGE_BACKOFF_MAX_S)):
-        assert all(0 <= storage.backoff_s(retry) <= ceiling for _ in range(100))  # full jitter under the cap
+    for retry, ceiling in ((1, 0.005), (2, 0.01), (5, 0.08), (20, retries.STORAGE_BACKOFF_MAX_S)):
+        assert all(0 <= retries.backoff_s(retry) <= ceiling for _ in range(100))  # full jitter under the cap
