@@ -61,9 +61,25 @@ class Mask2Former(nn.Module):
 
 def build_backbone(cfg: ResNetConfig | SwinConfig) -> nn.Module:
     if isinstance(cfg, ResNetConfig):
-        return ResNet(cfg)
+        return ResNet(
+            depths=cfg.depths,
+            widths=cfg.widths,
+            stem_channels=cfg.stem_channels,
+            norm=cfg.norm,
+            stride_in_1x1=cfg.stride_in_1x1,
+        )
     if isinstance(cfg, SwinConfig):
-        return SwinTransformer(cfg)
+        return SwinTransformer(
+            embed_dim=cfg.embed_dim,
+            depths=cfg.depths,
+            num_heads=cfg.num_heads,
+            window_size=cfg.window_size,
+            patch_size=cfg.patch_size,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias,
+            drop_path_rate=cfg.drop_path_rate,
+            layer_norm_eps=cfg.layer_norm_eps,
+        )
     raise ValueError(f"unknown backbone config {type(cfg).__name__}")
 
 
