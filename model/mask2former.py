@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -60,26 +61,13 @@ class Mask2Former(nn.Module):
 
 
 def build_backbone(cfg: ResNetConfig | SwinConfig) -> nn.Module:
+    """The backbone of `cfg`: its fields (all but `kind`, which picks the class) are the constructor's keyword
+    arguments, so a field added to one and not the other fails here, loudly."""
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "kind"}
     if isinstance(cfg, ResNetConfig):
-        return ResNet(
-            depths=cfg.depths,
-            widths=cfg.widths,
-            stem_channels=cfg.stem_channels,
-            norm=cfg.norm,
-            stride_in_1x1=cfg.stride_in_1x1,
-        )
+        return ResNet(**kwargs)
     if isinstance(cfg, SwinConfig):
-        return SwinTransformer(
-            embed_dim=cfg.embed_dim,
-            depths=cfg.depths,
-            num_heads=cfg.num_heads,
-            window_size=cfg.window_size,
-            patch_size=cfg.patch_size,
-            mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=cfg.qkv_bias,
-            drop_path_rate=cfg.drop_path_rate,
-            layer_norm_eps=cfg.layer_norm_eps,
-        )
+        return SwinTransformer(**kwargs)
     raise ValueError(f"unknown backbone config {type(cfg).__name__}")
 
 
