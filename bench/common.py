@@ -1,15 +1,18 @@
-"""What every benchmark records: the machine, versions, date; and how results are written."""
+"""What every benchmark shares: the machine, versions and date it records, how results are written and
+printed, the steady rate, and the `main` that runs a benchmark in a temporary folder."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +92,36 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def steady_rate(times: Sequence[float], skip: int) -> tuple[float | None, float | None]:
+    """(images/s, span in s) after the first `skip` rows: rows finished after the `skip`-th one over the time
+    from it to the last. Drops start-up (the first forward batch waits for everything before it) and nothing
+    else; None when there are too few rows."""
+    times = sorted(times)
+    skip = max(1, min(skip, len(times) - 1))
+    if len(times) < 2:
+        return None, None
+    span = times[-1] - times[skip - 1]
+    return ((len(times) - skip) / span if span > 0 else None), span
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated option as a list ("a,b," -> ["a", "b"])."""
+    return [v for v in text.split(",") if v]
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in names(text)]
+
+
+def run_and_publish(
+    args: argparse.Namespace, bench: Callable[..., dict[str, Any]], tables: Callable[[dict[str, Any]], str]
+) -> None:
+    """A benchmark's `main`: `bench(**options, workdir=a fresh temporary folder)` with the parsed options (named
+    as `bench`'s parameters), then its tables printed and the result recorded as bench/results/<--name>.json."""
+    options = dict(vars(args))
+    name = options.pop("name")
+    with tempfile.TemporaryDirectory(prefix="m2f-bench-") as tmp:
+        result = bench(**options, workdir=Path(tmp))
+    publish(name, tables(result), result)

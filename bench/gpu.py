@@ -16,7 +16,7 @@ slight underestimate). A batch that runs out of memory is recorded as OOM and en
 
 Pipeline: `jobs.segment.run` with `--device cuda`, one actor, one GPU, over `--pipeline-n` synthetic scenes
 (upscaled by the preset's resize rule to 800 px on the short side) from a local folder to local Parquet
-(`bench.pipeline.run_pipeline`); images/s with start-up and steady. Random weights produce almost no
+(`bench.job.run_pipeline`); images/s with start-up and steady. Random weights produce almost no
 segments above the preset's thresholds, so post-processing and RLE encoding cost less than with a trained
 checkpoint: pass one with `--pipeline-model` for figures that include them.
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from bench.common import table, write_result
+from bench.common import ints, names, table, write_result
 
 TARGET_R50_BF16_512 = 266.0  # issue 5: images/s, R50 at 512x512, bf16, one H100 (10x mmsegmentation's A100 figure)
 SMOKE = {"sizes": "64x64", "batches": "1,2", "warmup": 1, "iters": 2, "pipeline_n": 4, "pipeline_batch_size": 2}
@@ -94,7 +94,7 @@ def time_forward(
     net: torch.nn.Module, x: torch.Tensor, precision: str, *, warmup: int, iters: int
 ) -> tuple[list[float], float | None]:
     """Seconds per forward pass of `x` (B, 3, H, W) after `warmup` passes, and the peak GPU memory in GB."""
-    from m2f.pipeline.infer import PRECISIONS
+    from m2f.pipeline.predictor import PRECISIONS
 
     device, dtype = x.device, PRECISIONS[precision]
     if device.type == "cuda":
@@ -189,7 +189,8 @@ def pipeline_rows(
     checkpoint: str | None = None,
 ) -> list[dict[str, Any]]:
     """`jobs.segment.run` with one actor on `device`, per preset (random weights) or `checkpoint`, per precision."""
-    from bench.pipeline import run_pipeline, save_random, write_images
+    from bench.job import run_pipeline
+    from bench.workload import save_random, write_images
 
     images = workdir / "pipeline-images"
     write_images(str(images), n)
@@ -321,14 +322,6 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in (s.split("x") for s in text.split(",") if s)]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
-def _names(text: str) -> list[str]:
-    return [v for v in text.split(",") if v]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -360,17 +353,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = bench(
             device=args.device,
             smoke=args.smoke,
-            presets=_names(args.presets),
+            presets=names(args.presets),
             sizes=_sizes(args.sizes),
-            precisions=_names(args.precisions),
-            batches=_ints(args.batches),
+            precisions=names(args.precisions),
+            batches=ints(args.batches),
             warmup=args.warmup,
             iters=args.iters,
             workdir=Path(tmp),
             pipeline=not args.no_pipeline,
             pipeline_n=args.pipeline_n,
-            pipeline_presets=_names(args.pipeline_presets),
-            pipeline_precisions=_names(args.pipeline_precisions),
+            pipeline_presets=names(args.pipeline_presets),
+            pipeline_precisions=names(args.pipeline_precisions),
             pipeline_batch_size=args.pipeline_batch_size,
             pipeline_model=args.pipeline_model,
         )

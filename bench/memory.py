@@ -3,7 +3,7 @@
     python -m bench.memory [--n1 200] [--n2 2000] [--model micro] [--batch-size 4] [--threads 1]
                            [--distinct 100] [--interval 0.2] [--in-process]
 
-Each run is `jobs.segment.run` from a local folder to local Parquet (`bench.pipeline.run_pipeline`), in a fresh
+Each run is `jobs.segment.run` from a local folder to local Parquet (`bench.job.run_pipeline`), in a fresh
 process (spawned; it starts its own Ray), so neither run inherits the other's heap. A thread in this process
 samples, every `--interval` seconds, the RSS of that process (the driver) and of all its descendants (Ray's
 raylet, GCS and agents, and its workers: the prepare tasks, the model actor, the writers), and keeps the peak
@@ -27,14 +27,14 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import publish, table
-from bench.pipeline import listed_uris, resolve_model, run_pipeline, run_pipeline_to_file, write_images
+from bench.common import run_and_publish, table
+from bench.job import run_pipeline, run_pipeline_to_file
+from bench.workload import listed_uris, resolve_model, write_images
 
 TARGET_RATIO = 1.10  # peak memory at N2 images within 10 % of N1 images (issue 9: 20 000 vs 2 000)
 KINDS = ("driver", "worker", "ray")  # ray: raylet, GCS, dashboard and runtime-env agents, log monitor
@@ -307,24 +307,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the actor")
     parser.add_argument("--distinct", type=int, default=100, help="distinct synthetic scenes, repeated to N files")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
-    parser.add_argument("--in-process", action="store_true", help="run the jobs in this process (not isolated)")
+    parser.add_argument(
+        "--in-process", dest="isolate", action="store_false", help="run the jobs in this process (not isolated)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="memory", help="results file name")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="m2f-bench-") as tmp:
-        result = bench(
-            n1=args.n1,
-            n2=args.n2,
-            model=args.model,
-            batch_size=args.batch_size,
-            threads=args.threads,
-            distinct=args.distinct,
-            interval=args.interval,
-            workdir=Path(tmp),
-            isolate=not args.in_process,
-            seed=args.seed,
-        )
-    publish(args.name, tables(result), result)
+    run_and_publish(parser.parse_args(argv), bench, tables)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m bench.scaleout [--n 200] [--model demo] [--actors 1,2] [--batch-size 4] [--threads 1]
                              [--repeats 1] [--ray-cpus CORES+1]
 
-`jobs.segment.run` from a local folder of synthetic scenes to local Parquet (`bench.pipeline.run_pipeline`),
+`jobs.segment.run` from a local folder of synthetic scenes to local Parquet (`bench.job.run_pipeline`),
 once per actor count, `--repeats` rounds in turn. Reported: images/s with start-up and steady (after the first
 forward batch, from the rows' `processed_at`), and the speed-up over the first actor count (target: 2 actors
 >= 1.8x one actor on 2 cores).
@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import publish, table
+from bench.common import ints, run_and_publish, table
+from bench.job import run_pipeline
 from bench.memory import PeakSampler
-from bench.pipeline import resolve_model, run_pipeline, write_images
+from bench.workload import resolve_model, write_images
 
 TARGET_SPEEDUP = 1.8  # issue 5: 2 actors >= 1.8x one actor on 2 cores with 1 thread each
 
@@ -167,27 +167,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=200, help="images")
     parser.add_argument("--model", default="demo", help="demo | random-demo | micro | a checkpoint path or URI")
-    parser.add_argument("--actors", default="1,2", help="comma-separated actor counts")
+    parser.add_argument("--actors", dest="actor_counts", default="1,2", type=ints, help="comma-separated actor counts")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs per actor")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--ray-cpus", type=int, default=(os.cpu_count() or 1) + 1, help="Ray's logical CPUs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="scaleout", help="results file name")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="m2f-bench-") as tmp:
-        result = bench(
-            n=args.n,
-            model=args.model,
-            actor_counts=[int(a) for a in args.actors.split(",") if a],
-            batch_size=args.batch_size,
-            threads=args.threads,
-            repeats=args.repeats,
-            workdir=Path(tmp),
-            ray_cpus=args.ray_cpus,
-            seed=args.seed,
-        )
-    publish(args.name, tables(result), result)
+    run_and_publish(parser.parse_args(argv), bench, tables)
 
 
 if __name__ == "__main__":

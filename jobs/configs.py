@@ -14,7 +14,7 @@ from m2f.pipeline.secrets import redact
 from m2f.pipeline.storage import storage_options
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes: pipeline.infer maps each to torch's
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes: pipeline.predictor maps each to torch's
 FLUSH_SECONDS = 30.0  # the longest a finished row waits in the driver before it is committed
 GRACE_SECONDS = 20.0  # after SIGTERM/SIGINT: time to commit finished rows before exiting
 STALL_TIMEOUT = 900.0  # end a run in which no image finished for this long

@@ -16,11 +16,9 @@ import numpy as np
 import torch
 
 from m2f import model as m2f
-from m2f.model.postprocess import postprocess
-from m2f.model.preprocess import resize_image, to_batch
-from m2f.pipeline.encode import encode_segments
 from m2f.pipeline.metrics.coco_ap import coco_mask_ap
 from m2f.pipeline.metrics.panoptic_quality import PQAccumulator
+from m2f.pipeline.predictor import Predictor
 from m2f.pipeline.training.datasets import CocoPanoptic
 
 
@@ -31,7 +29,7 @@ def score(net: m2f.Mask2Former, data: str, *, limit: int | None = None) -> dict[
     with open(f"{root}/instances.json") as f:
         instances_gt = json.load(f)
     ids = {img["file_name"]: img["id"] for img in instances_gt["images"]}
-    cfg = net.config
+    predictor = Predictor(net, task="instance")  # panoptic for PQ comes from the same forward pass
     pq = PQAccumulator()
     results: list[dict[str, Any]] = []
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -39,19 +37,11 @@ def score(net: m2f.Mask2Former, data: str, *, limit: int | None = None) -> dict[
     for i in range(n):
         sample = dataset.load(i)
         h, w = sample.image.shape[:2]
-        resized = resize_image(sample.image, cfg.preprocess)
-        pixel_values, sizes = to_batch([resized], cfg.preprocess)
-        with torch.inference_mode():
-            out = net(pixel_values.to(net.device))
-        kwargs = {
-            "config": cfg,
-            "image_sizes": sizes,
-            "output_sizes": [(h, w)],
-            "padded_size": tuple(pixel_values.shape[-2:]),
-        }
-        pan = postprocess("panoptic", out.class_logits, out.mask_logits, **kwargs)[0]
+        (by_task,) = predictor.predict_tasks([predictor.resize(sample.image)], [(h, w)], ("panoptic", "instance"))
+        pan = by_task["panoptic"]
         pred_segments = [
-            {"id": j + 1, "category_id": cfg.category_id(int(label))} for j, label in enumerate(pan.labels.tolist())
+            {"id": j + 1, "category_id": net.config.category_id(int(label))}
+            for j, label in enumerate(pan.labels.tolist())
         ]
         gt_map = np.zeros((h, w), np.int32)
         for j, mask in enumerate(sample.masks):
@@ -60,20 +50,11 @@ def score(net: m2f.Mask2Former, data: str, *, limit: int | None = None) -> dict[
             {"id": j + 1, "category_id": dataset.categories[int(label)]["id"], "iscrowd": 0}
             for j, label in enumerate(sample.labels.tolist())
         ]
-        pq.add(pan.panoptic.cpu().numpy(), pred_segments, gt_map, gt_segments)
-        inst = postprocess("instance", out.class_logits, out.mask_logits, **kwargs)[0]
-        rows = encode_segments(
-            inst.masks.cpu().numpy(),
-            inst.labels.cpu().numpy(),
-            inst.scores.cpu().numpy(),
-            class_names=cfg.class_names,
-            is_thing=cfg.is_thing,
-            category_ids=cfg.category_ids or None,
-        )
+        pq.add(pan.panoptic, pred_segments, gt_map, gt_segments)
         image_id = ids[sample.file_name]
         results += [
             {"image_id": image_id, "category_id": r["category_id"], "segmentation": r["rle"], "score": r["score"]}
-            for r in rows
+            for r in predictor.encode(by_task["instance"])
         ]
     pan_summary = pq.summary(dataset.categories)
     ap = coco_mask_ap(instances_gt, results)

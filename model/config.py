@@ -1,8 +1,9 @@
 """Frozen dataclass configs for every part of the model.
 
-`ModelConfig` is the one object that travels: the builder (`model.build`) turns it into modules,
-checkpoints store it as JSON (`to_dict` / `from_dict`), and the batch job reads its class names,
-preprocessing rule and default task from it. Nothing below the builder receives a config.
+`ModelConfig` is the one object that travels: the builder (`model.build_model`, in
+model/mask2former.py) turns it into modules, checkpoints store it as JSON (`to_dict` / `from_dict`),
+and the batch job reads its class names, preprocessing rule and default task from it. Nothing below
+the builder receives a config: `ResNet`, `SwinTransformer` and the decoders take plain arguments.
 """
 
 from __future__ import annotations

@@ -14,14 +14,7 @@ import re
 import torch
 from torch import Tensor
 
-from m2f.model.config import (
-    DecoderConfig,
-    ModelConfig,
-    PixelDecoderConfig,
-    PreprocessConfig,
-    ResNetConfig,
-    SwinConfig,
-)
+from m2f.model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, PreprocessConfig, ResNetConfig, SwinConfig
 from m2f.model.keymap import CheckpointMismatch, KeyMap
 from m2f.model.presets import PRESETS, class_metadata, dataset_names, preprocess_for
 

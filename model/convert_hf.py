@@ -11,14 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from m2f.model.config import (
-    DecoderConfig,
-    ModelConfig,
-    PixelDecoderConfig,
-    PreprocessConfig,
-    ResNetConfig,
-    SwinConfig,
-)
+from m2f.model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, PreprocessConfig, ResNetConfig, SwinConfig
 from m2f.model.keymap import KeyMap
 from m2f.model.presets import class_metadata, preprocess_for
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -60,10 +61,13 @@ class Mask2Former(nn.Module):
 
 
 def build_backbone(cfg: ResNetConfig | SwinConfig) -> nn.Module:
+    """The backbone of `cfg`: its fields (all but `kind`, which picks the class) are the constructor's keyword
+    arguments, so a field added to one and not the other fails here, loudly."""
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "kind"}
     if isinstance(cfg, ResNetConfig):
-        return ResNet(cfg)
+        return ResNet(**kwargs)
     if isinstance(cfg, SwinConfig):
-        return SwinTransformer(cfg)
+        return SwinTransformer(**kwargs)
     raise ValueError(f"unknown backbone config {type(cfg).__name__}")
 
 

@@ -8,7 +8,8 @@ Every task follows the official `MaskFormer.forward` at test time (facebookresea
   cropped and resized to the original image (detectron2's `sem_seg_postprocess`).
 `semantic_inference(resize_first=...)` offers both orders; `postprocess` resizes first only for a panoptic or
 instance model. Bilinear resizing is independent per query (and per class), so it is done a chunk at a time,
-and only for the queries that can change the result; the outcome equals resizing all at once.
+and only for the queries that can change the result; the outcome equals resizing all at once (the resize
+chain and its chunking are model/resize.py's).
 
 Where this deliberately differs from the official code:
 - instance segments are returned sorted by score (the official order is `topk(sorted=False)`'s);
@@ -35,20 +36,24 @@ Where it differs from Hugging Face's `Mask2FormerImageProcessor.post_process_*` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from m2f.model.config import ModelConfig
+from m2f.model.resize import Geometry, Size, geometries, query_chunks, resized_argmax, upsample_mask_logits
 
-Size = tuple[int, int]
-
-# Float32 elements one resize step may hold (padded plus output planes of a chunk): about 256 MiB.
-_CHUNK_ELEMENTS = 1 << 26
+__all__ = [
+    "Segments",
+    "instance_inference",
+    "panoptic_inference",
+    "postprocess",
+    "semantic_inference",
+    "upsample_mask_logits",
+]
 
 
 @dataclass
@@ -59,78 +64,6 @@ class Segments:
     labels: Tensor  # (N,) int64, contiguous class index in [0, K)
     scores: Tensor  # (N,) float32
     panoptic: Tensor | None = None  # (H, W) int32 id map for panoptic: 0 = void, i+1 = segment i
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """Sizes of one image along the resize chain."""
-
-    image_size: Size  # (h, w) of the resized image inside the padded input
-    output_size: Size  # (H, W) of the original image
-    padded_size: Size  # (Hp, Wp) of the network input
-
-
-def upsample_mask_logits(mask_logits: Tensor, *, image_size: Size, output_size: Size, padded_size: Size) -> Tensor:
-    """mask_logits (Q, h, w) -> (Q, H, W): to the padded input, crop the image, to the output size.
-
-    All steps are bilinear with align_corners=False, as detectron2's `sem_seg_postprocess`.
-    """
-    x = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)  # (1, Q, Hp, Wp)
-    x = x[:, :, : image_size[0], : image_size[1]]  # (1, Q, h, w)
-    if tuple(output_size) == tuple(image_size):
-        return x[0]  # a same-size bilinear resize is the identity
-    return F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)[0]  # (Q, H, W)
-
-
-def _query_chunks(
-    mask_logits: Tensor, queries: Tensor, geom: _Geometry, chunk_size: int | None
-) -> Iterator[tuple[int, Tensor]]:
-    """Yield (offset into `queries`, logits (c, H, W)) for the listed queries, a bounded chunk at a time."""
-    if chunk_size is None:
-        plane = geom.padded_size[0] * geom.padded_size[1] + geom.output_size[0] * geom.output_size[1]
-        chunk_size = max(1, _CHUNK_ELEMENTS // plane)
-    for start in range(0, queries.numel(), chunk_size):
-        picked = mask_logits[queries[start : start + chunk_size]]  # (c, h, w)
-        sizes = {"image_size": geom.image_size, "output_size": geom.output_size, "padded_size": geom.padded_size}
-        yield start, upsample_mask_logits(picked, **sizes)
-
-
-def _geometries(
-    class_logits: Tensor,
-    mask_logits: Tensor,
-    image_sizes: Sequence[Size],
-    output_sizes: Sequence[Size],
-    padded_size: Size | None,
-    chunk_size: int | None,
-) -> list[_Geometry]:
-    """Check the batch and return each image's resize geometry."""
-    if class_logits.ndim != 3 or mask_logits.ndim != 4:
-        raise ValueError(
-            f"expected class_logits (B, Q, K+1) and mask_logits (B, Q, h, w), "
-            f"got {tuple(class_logits.shape)} and {tuple(mask_logits.shape)}"
-        )
-    if class_logits.shape[:2] != mask_logits.shape[:2]:
-        raise ValueError(f"batch/query sizes differ: {tuple(class_logits.shape)} vs {tuple(mask_logits.shape)}")
-    if class_logits.shape[-1] < 2:
-        raise ValueError(f"class_logits needs K+1 >= 2 entries, got {class_logits.shape[-1]}")
-    b = class_logits.shape[0]
-    if len(image_sizes) != b or len(output_sizes) != b:
-        raise ValueError(f"batch of {b} with {len(image_sizes)} image sizes and {len(output_sizes)} output sizes")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if padded_size is None:
-        padded = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])  # the masks' stride is 4
-    else:
-        padded = (int(padded_size[0]), int(padded_size[1]))
-    geoms = []
-    for image_size, output_size in zip(image_sizes, output_sizes, strict=True):
-        ih, iw = image_size
-        if not (0 < ih <= padded[0] and 0 < iw <= padded[1]):
-            raise ValueError(f"image size {tuple(image_size)} does not fit in the padded size {padded}")
-        if min(output_size) <= 0:
-            raise ValueError(f"output size must be positive, got {tuple(output_size)}")
-        geoms.append(_Geometry((int(ih), int(iw)), (int(output_size[0]), int(output_size[1])), padded))
-    return geoms
 
 
 def _is_thing_tensor(is_thing: Sequence[bool], num_classes: int, device: torch.device) -> Tensor:
@@ -150,7 +83,7 @@ def _empty(output_size: Size, device: torch.device, panoptic: bool) -> Segments:
 
 
 def _semantic_one(
-    mask_cls: Tensor, mask_logits: Tensor, geom: _Geometry, chunk_size: int | None, resize_first: bool
+    mask_cls: Tensor, mask_logits: Tensor, geom: Geometry, chunk_size: int | None, resize_first: bool
 ) -> Segments:
     """mask_cls (Q, K+1), mask_logits (Q, h, w) -> one segment per class present in argmax_K semseg."""
     probs = mask_cls.float().softmax(-1)[:, :-1]  # (Q, K)
@@ -160,7 +93,7 @@ def _semantic_one(
     at = geom if resize_first else replace(geom, output_size=geom.image_size)
     semseg = torch.zeros(k, at.output_size[0] * at.output_size[1], dtype=torch.float32, device=mask_cls.device)
     queries = torch.arange(probs.shape[0], device=mask_cls.device)
-    for start, logits in _query_chunks(mask_logits.float(), queries, at, chunk_size):
+    for start, logits in query_chunks(mask_logits.float(), queries, at, chunk_size):
         c = logits.shape[0]
         semseg.addmm_(probs[start : start + c].T, logits.sigmoid().view(c, -1))  # (K, c) @ (c, h*w)
 
@@ -169,7 +102,7 @@ def _semantic_one(
         best = semseg.gather(0, label_map[None])[0]
         total = semseg.sum(0)
     else:
-        label_map, best, total = _resized_argmax(semseg.view(k, *geom.image_size), geom.output_size, chunk_size)
+        label_map, best, total = resized_argmax(semseg.view(k, *geom.image_size), geom.output_size, chunk_size)
     ratio = best / total.clamp_min(torch.finfo(torch.float32).tiny)  # per-pixel class probability
     counts = torch.bincount(label_map, minlength=k)
     labels = counts.nonzero().flatten()  # present classes, ascending
@@ -182,36 +115,10 @@ def _semantic_one(
     )
 
 
-def _resized_argmax(semseg: Tensor, size: Size, chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """semseg (K, h, w) resized bilinearly to `size` (H, W) a chunk of classes at a time, never whole.
-
-    Returns the argmax class (H*W,) (ties -> lowest class), its value (H*W,) and the sum over classes (H*W,).
-    """
-    k, ih, iw = semseg.shape
-    n = size[0] * size[1]
-    if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // (ih * iw + n))
-    label_map = torch.zeros(n, dtype=torch.int64, device=semseg.device)
-    best = torch.full((n,), -torch.inf, dtype=torch.float32, device=semseg.device)
-    total = torch.zeros(n, dtype=torch.float32, device=semseg.device)
-    for start in range(0, k, chunk_size):
-        part = semseg[None, start : start + chunk_size]  # (1, c, h, w)
-        if (ih, iw) != tuple(size):
-            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)  # (1, c, H, W)
-        part = part[0].flatten(1)  # (c, H*W)
-        total += part.sum(0)
-        arg = part.argmax(0)  # (H*W,), ties -> lowest class of the chunk
-        top = part.gather(0, arg[None])[0]
-        better = top > best  # strict: an earlier chunk keeps a tie
-        best = torch.where(better, top, best)
-        label_map = torch.where(better, arg + start, label_map)
-    return label_map, best, total
-
-
 def _panoptic_one(
     mask_cls: Tensor,
     mask_logits: Tensor,
-    geom: _Geometry,
+    geom: Geometry,
     is_thing: Tensor,
     object_mask_threshold: float,
     overlap_threshold: float,
@@ -233,7 +140,7 @@ def _panoptic_one(
     best = torch.full((h, w), -1.0, dtype=torch.float32, device=device)  # every probability beats it
     owner = torch.zeros(h, w, dtype=torch.int64, device=device)  # (H, W) index into kept
     above = torch.empty(n, h, w, dtype=torch.bool, device=device)  # sigmoid >= 0.5
-    for start, logits in _query_chunks(mask_logits.float(), kept, geom, chunk_size):
+    for start, logits in query_chunks(mask_logits.float(), kept, geom, chunk_size):
         c = logits.shape[0]
         sig = logits.sigmoid()  # (c, H, W)
         above[start : start + c] = sig >= 0.5
@@ -285,7 +192,7 @@ def _panoptic_one(
 def _instance_one(
     mask_cls: Tensor,
     mask_logits: Tensor,
-    geom: _Geometry,
+    geom: Geometry,
     top_k: int,
     is_thing: Tensor | None,
     chunk_size: int | None,
@@ -308,7 +215,7 @@ def _instance_one(
     h, w = geom.output_size
     masks = torch.empty(distinct.numel(), h, w, dtype=torch.bool, device=device)
     mask_scores = torch.empty(distinct.numel(), dtype=torch.float32, device=device)
-    for start, logits in _query_chunks(mask_logits.float(), distinct, geom, chunk_size):
+    for start, logits in query_chunks(mask_logits.float(), distinct, geom, chunk_size):
         c = logits.shape[0]
         binary = (logits > 0).float().flatten(1)  # (c, H*W)
         inside = (logits.sigmoid().flatten(1) * binary).sum(1)
@@ -342,7 +249,7 @@ def semantic_inference(
     `sem_seg_postprocess`), a chunk of classes at a time; with `resize_first`, as its panoptic and instance
     models do (`sem_seg_postprocess_before_inference`), the mask logits are resized to `output_size` first.
     """
-    geoms = _geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
+    geoms = geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
     return [_semantic_one(class_logits[i], mask_logits[i], g, chunk_size, resize_first) for i, g in enumerate(geoms)]
 
 
@@ -364,7 +271,7 @@ def panoptic_inference(
     score * sigmoid(mask); a query keeps its won pixels inside its own mask (sigmoid >= 0.5) unless it won
     less than overlap_threshold of that mask. Stuff queries of one class merge into one segment.
     """
-    geoms = _geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
+    geoms = geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
     things = _is_thing_tensor(is_thing, class_logits.shape[-1] - 1, class_logits.device)
     return [
         _panoptic_one(class_logits[i], mask_logits[i], g, things, object_mask_threshold, overlap_threshold, chunk_size)
@@ -391,7 +298,7 @@ def instance_inference(
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    geoms = _geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
+    geoms = geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
     things = None if is_thing is None else _is_thing_tensor(is_thing, class_logits.shape[-1] - 1, class_logits.device)
     return [_instance_one(class_logits[i], mask_logits[i], g, top_k, things, chunk_size) for i, g in enumerate(geoms)]
 

@@ -7,11 +7,11 @@ sizes keeps the pre-trained statistics, exactly as detectron2 does.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from m2f.model.config import ResNetConfig
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -97,26 +97,42 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, cfg: ResNetConfig) -> None:
+    """Stem (7x7 conv, stride 2, max-pool) then one stage of bottlenecks per entry of `depths`.
+
+    norm: "frozen_bn" (fixed statistics, official fine-tuning) or "bn" (trainable, for a backbone
+    trained from scratch). stride_in_1x1: detectron2's STRIDE_IN_1X1 / HF's downsample_in_bottleneck.
+    """
+
+    def __init__(
+        self,
+        *,
+        depths: tuple[int, ...],
+        widths: tuple[int, ...],
+        stem_channels: int = 64,
+        norm: Literal["frozen_bn", "bn"] = "frozen_bn",
+        stride_in_1x1: bool = False,
+    ) -> None:
         super().__init__()
-        self.stem = ConvNorm(3, cfg.stem_channels, 7, 2, cfg.norm)
+        if len(depths) != len(widths):
+            raise ValueError(f"{len(depths)} stage depths for {len(widths)} widths")
+        self.stem = ConvNorm(3, stem_channels, 7, 2, norm)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.stages = nn.ModuleList()
-        cin = cfg.stem_channels
-        for i, (depth, width) in enumerate(zip(cfg.depths, cfg.widths, strict=True)):
+        cin = stem_channels
+        for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             blocks = [
                 Bottleneck(
                     cin=cin if j == 0 else width,
                     cout=width,
                     stride=2 if (i > 0 and j == 0) else 1,
-                    norm=cfg.norm,
-                    stride_in_1x1=cfg.stride_in_1x1,
+                    norm=norm,
+                    stride_in_1x1=stride_in_1x1,
                 )
                 for j in range(depth)
             ]
             self.stages.append(nn.Sequential(*blocks))
             cin = width
-        self.out_channels = tuple(cfg.widths)
+        self.out_channels = tuple(widths)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x (B, 3, H, W) -> [res2 (B, C2, H/4, W/4), res3 (H/8), res4 (H/16), res5 (H/32)]."""

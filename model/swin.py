@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m2f.model.config import SwinConfig
-
 
 def relative_position_index(window: int) -> Tensor:
     """(window², window²) index into the ((2w-1)², heads) bias table."""
@@ -150,34 +148,51 @@ class SwinStage(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    def __init__(self, cfg: SwinConfig) -> None:
+    """Patch embedding then one stage of (alternately shifted) window-attention blocks per entry of
+    `depths`, channels doubling at each patch merging; stage i has `num_heads[i]` heads."""
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        depths: tuple[int, ...],
+        num_heads: tuple[int, ...],
+        window_size: int,
+        patch_size: int = 4,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
-        self.patch_size = cfg.patch_size
-        dims = cfg.out_channels
-        self.patch_embed = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
-        self.patch_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
-        total = sum(cfg.depths)
-        rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        if len(depths) != len(num_heads):
+            raise ValueError(f"{len(depths)} stage depths for {len(num_heads)} head counts")
+        self.patch_size = patch_size
+        dims = tuple(embed_dim * 2**i for i in range(len(depths)))
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.patch_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.stages = nn.ModuleList()
         self.norms = nn.ModuleList()
         n = 0
-        for i, depth in enumerate(cfg.depths):
+        for i, depth in enumerate(depths):
             blocks = [
                 SwinBlock(
                     dim=dims[i],
-                    heads=cfg.num_heads[i],
-                    window=cfg.window_size,
-                    shift=0 if j % 2 == 0 else cfg.window_size // 2,
-                    mlp_ratio=cfg.mlp_ratio,
-                    qkv_bias=cfg.qkv_bias,
+                    heads=num_heads[i],
+                    window=window_size,
+                    shift=0 if j % 2 == 0 else window_size // 2,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
                     drop_path=rates[n + j],
-                    eps=cfg.layer_norm_eps,
+                    eps=layer_norm_eps,
                 )
                 for j in range(depth)
             ]
             n += depth
-            last = i == len(cfg.depths) - 1
-            self.stages.append(SwinStage(blocks, None if last else PatchMerging(dims[i], cfg.layer_norm_eps)))
+            last = i == len(depths) - 1
+            self.stages.append(SwinStage(blocks, None if last else PatchMerging(dims[i], layer_norm_eps)))
             self.norms.append(nn.LayerNorm(dims[i]))
         self.out_channels = dims
 

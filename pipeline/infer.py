@@ -11,7 +11,6 @@ image's error row untouched. Nothing in a batch raises for one bad input.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +21,9 @@ import pyarrow as pa
 import torch
 
 from m2f.model.config import PreprocessConfig
-from m2f.model.postprocess import postprocess
-from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
+from m2f.model.preprocess import resize_image
 from m2f.pipeline.decode import DecodeError, decode_image
-from m2f.pipeline.encode import encode_segments, image_stats
+from m2f.pipeline.predictor import Prediction, Predictor, autocast_dtype
 from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
 from m2f.pipeline.secrets import scrub, secret_values
 from m2f.pipeline.storage import open_fs, protocol_of, storage_options, with_retries
@@ -46,7 +44,6 @@ WORK_SCHEMA = pa.schema(
     ]
 )
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 READ_THREADS = 8  # concurrent reads per prepare task: object-store GETs wait on the network, not the CPU
 
 
@@ -137,7 +134,8 @@ class Segmenter:
     mapping of sequences) and returns a pyarrow Table with exactly OUTPUT_SCHEMA, one row per input row
     in input order. Images are grouped by padded size into forward passes of at most `batch_size`
     (padding changes predictions, so a group never mixes sizes); a group that fails is retried image
-    by image, and an image that still fails becomes an error row.
+    by image, and an image that still fails becomes an error row. The image -> segments work itself is
+    the `Predictor`'s; this class only unpacks batches and builds rows.
     """
 
     def __init__(
@@ -156,24 +154,19 @@ class Segmenter:
     ) -> None:
         from m2f.model import load  # the checkpoint loaders are only needed where the model lives
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        autocast_dtype(precision, self.device)  # a bad setting fails before the checkpoint is read
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads is not None:
             torch.set_num_threads(max(1, num_threads))
-        self.device = torch.device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         self.model_uri = model_uri
         self.model = load(model_uri, self.device, preset=preset, storage_options=storage_options)
-        self.config = self.model.config
-        self.task = task or self.config.task
-        self.dtype = PRECISIONS[precision]
+        self.predictor = Predictor(self.model, task=task, precision=precision, score_threshold=score_threshold)
+        self.task = self.predictor.task
         self.batch_size = batch_size
-        self.score_threshold = score_threshold
         self.run_id = run_id
-        self.model_name = model_label(self.config.name, self.model.checkpoint_sha256)
+        self.model_name = model_label(self.model.config.name, self.model.checkpoint_sha256)
         self.secrets = secret_values(storage_options)
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> pa.Table:
@@ -187,9 +180,7 @@ class Segmenter:
                 todo.append(i)
             else:
                 rows[i] = self._error(batch, i, str(batch["error"][i]) or "unknown error")
-        sizes = [image.shape[:2] for image in images]
-        divisibility = self.config.preprocess.size_divisibility
-        for group in group_by_padded_size(sizes, self.batch_size, divisibility):
+        for group in self.predictor.groups(images, self.batch_size):
             members = [todo[g] for g in group]
             for i, row in zip(members, self._segment_group(batch, members, [images[g] for g in group]), strict=True):
                 rows[i] = row
@@ -214,55 +205,17 @@ class Segmenter:
     ) -> list[dict[str, Any]]:
         start = time.perf_counter()
         output_sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in members]
-        with torch.inference_mode():
-            pixel_values, image_sizes = to_batch(images, self.config.preprocess, device=self.device)  # (B, 3, Hp, Wp)
-            with self._autocast():
-                out = self.model(pixel_values)
-            results = postprocess(
-                self.task,
-                out.class_logits.float(),
-                out.mask_logits.float(),
-                config=self.config,
-                image_sizes=image_sizes,
-                output_sizes=output_sizes,
-                padded_size=tuple(pixel_values.shape[-2:]),
-            )
-            results = [(r.masks.cpu().numpy(), r.labels.cpu().numpy(), r.scores.cpu().numpy()) for r in results]
+        predictions = self.predictor.predict(images, output_sizes)
         per_image_ms = (time.perf_counter() - start) * 1000.0 / len(members)
-        return [
-            self._ok(batch, i, masks, labels, scores, per_image_ms)
-            for i, (masks, labels, scores) in zip(members, results, strict=True)
-        ]
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return [self._ok(batch, i, p, per_image_ms) for i, p in zip(members, predictions, strict=True)]
 
     def _ok(
-        self,
-        batch: Mapping[str, Sequence[Any]],
-        i: int,
-        masks: np.ndarray,
-        labels: np.ndarray,
-        scores: np.ndarray,
-        inference_ms: float,
+        self, batch: Mapping[str, Sequence[Any]], i: int, prediction: Prediction, inference_ms: float
     ) -> dict[str, Any]:
-        keep = scores >= self.score_threshold
-        if self.task == "instance":  # an instance whose mask is empty at the output size is no instance
-            keep &= masks.reshape(len(masks), -1).any(axis=1)
         height, width = int(batch["height"][i]), int(batch["width"][i])
-        cfg = self.config
         try:
-            segments = encode_segments(
-                masks[keep],
-                labels[keep],
-                scores[keep],
-                class_names=cfg.class_names,
-                is_thing=cfg.is_thing,
-                category_ids=cfg.category_ids or None,
-            )
-            stats = image_stats(segments, height, width, semantic=self.task == "semantic")
+            segments = self.predictor.encode(prediction)
+            stats = self.predictor.stats(segments, height, width)
         except Exception as e:
             return self._error(batch, i, f"encoding failed: {scrub(describe(e), self.secrets)}")
         return ok_row(

@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from m2f import model
 from m2f.model import ModelConfig, build_model, save
 from m2f.model.config import DecoderConfig, PixelDecoderConfig, PostprocessConfig, PreprocessConfig, ResNetConfig
 from m2f.model.preprocess import padded_size, resize_image, resized_shape
 from m2f.pipeline.decode import decode_image
 from m2f.pipeline.infer import WORK_SCHEMA, Segmenter, model_label, prepare_images
+from m2f.pipeline.predictor import Predictor
 from m2f.pipeline.schema import OUTPUT_SCHEMA, image_id
 from m2f.pipeline.secrets import scrub, secret_values
 from tests.conftest import TEST_SECRETS
@@ -213,6 +215,26 @@ def test_the_checkpoint_task_is_the_default(tmp_path: Path, images: dict[str, st
     path = tiny_model_file(tmp_path / "panoptic.safetensors", task="panoptic")
     rows = Segmenter(path, run_id="r")(as_numpy_batch(prepared([images["a"]]))).to_pylist()
     assert rows[0]["task"] == "panoptic"
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_predictor_on_one_image_gives_the_segmenters_segments(
+    model_path: str, images: dict[str, str], task: str
+) -> None:
+    """The Python API (`Predictor(net)(image)`) and the job's actor run one recipe: same segments, same order."""
+    rows = Segmenter(model_path, run_id="r", task=task)(as_numpy_batch(prepared([images["b"]]))).to_pylist()
+    predict = Predictor(model.load(model_path), task=task)
+    segments = predict(decode_image(Path(images["b"]).read_bytes()))
+    assert segments and len(segments) == rows[0]["segment_count"]
+    for mine, theirs in zip(segments, rows[0]["segments"], strict=True):
+        assert (mine["rle"], mine["category_id"], mine["label"]) == (
+            theirs["rle"],
+            theirs["category_id"],
+            theirs["label"],
+        )
+        assert mine["score"] == pytest.approx(theirs["score"], rel=1e-6)
+    with pytest.raises(ValueError, match="task must be one of"):
+        Predictor(predict.net, task="depth")
 
 
 def test_bad_settings_are_value_errors(model_path: str) -> None:

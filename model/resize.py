@@ -1,0 +1,120 @@
+"""The resize chain shared by every post-processing task: network input -> crop -> original size.
+
+Mask logits come out at 1/4 of the padded network input; each image's result is wanted at its original
+size. The steps (bilinear to the padded size, crop the resized image, bilinear to the original size) are
+detectron2's `sem_seg_postprocess`. At large sizes the upsampled logits of all queries would not fit in
+memory, so they are produced a bounded chunk of queries (or classes) at a time: bilinear resizing is
+independent per plane, so the outcome equals resizing all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Size = tuple[int, int]
+
+# Float32 elements one resize step may hold (padded plus output planes of a chunk): about 256 MiB.
+CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one image along the resize chain."""
+
+    image_size: Size  # (h, w) of the resized image inside the padded input
+    output_size: Size  # (H, W) of the original image
+    padded_size: Size  # (Hp, Wp) of the network input
+
+
+def upsample_mask_logits(mask_logits: Tensor, *, image_size: Size, output_size: Size, padded_size: Size) -> Tensor:
+    """mask_logits (Q, h, w) -> (Q, H, W): to the padded input, crop the image, to the output size.
+
+    All steps are bilinear with align_corners=False, as detectron2's `sem_seg_postprocess`.
+    """
+    x = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)  # (1, Q, Hp, Wp)
+    x = x[:, :, : image_size[0], : image_size[1]]  # (1, Q, h, w)
+    if tuple(output_size) == tuple(image_size):
+        return x[0]  # a same-size bilinear resize is the identity
+    return F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)[0]  # (Q, H, W)
+
+
+def query_chunks(
+    mask_logits: Tensor, queries: Tensor, geom: Geometry, chunk_size: int | None
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield (offset into `queries`, logits (c, H, W)) for the listed queries, a bounded chunk at a time."""
+    if chunk_size is None:
+        plane = geom.padded_size[0] * geom.padded_size[1] + geom.output_size[0] * geom.output_size[1]
+        chunk_size = max(1, CHUNK_ELEMENTS // plane)
+    for start in range(0, queries.numel(), chunk_size):
+        picked = mask_logits[queries[start : start + chunk_size]]  # (c, h, w)
+        sizes = {"image_size": geom.image_size, "output_size": geom.output_size, "padded_size": geom.padded_size}
+        yield start, upsample_mask_logits(picked, **sizes)
+
+
+def geometries(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    image_sizes: Sequence[Size],
+    output_sizes: Sequence[Size],
+    padded_size: Size | None,
+    chunk_size: int | None,
+) -> list[Geometry]:
+    """Check the batch and return each image's resize geometry."""
+    if class_logits.ndim != 3 or mask_logits.ndim != 4:
+        raise ValueError(
+            f"expected class_logits (B, Q, K+1) and mask_logits (B, Q, h, w), "
+            f"got {tuple(class_logits.shape)} and {tuple(mask_logits.shape)}"
+        )
+    if class_logits.shape[:2] != mask_logits.shape[:2]:
+        raise ValueError(f"batch/query sizes differ: {tuple(class_logits.shape)} vs {tuple(mask_logits.shape)}")
+    if class_logits.shape[-1] < 2:
+        raise ValueError(f"class_logits needs K+1 >= 2 entries, got {class_logits.shape[-1]}")
+    b = class_logits.shape[0]
+    if len(image_sizes) != b or len(output_sizes) != b:
+        raise ValueError(f"batch of {b} with {len(image_sizes)} image sizes and {len(output_sizes)} output sizes")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if padded_size is None:
+        padded = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])  # the masks' stride is 4
+    else:
+        padded = (int(padded_size[0]), int(padded_size[1]))
+    geoms = []
+    for image_size, output_size in zip(image_sizes, output_sizes, strict=True):
+        ih, iw = image_size
+        if not (0 < ih <= padded[0] and 0 < iw <= padded[1]):
+            raise ValueError(f"image size {tuple(image_size)} does not fit in the padded size {padded}")
+        if min(output_size) <= 0:
+            raise ValueError(f"output size must be positive, got {tuple(output_size)}")
+        geoms.append(Geometry((int(ih), int(iw)), (int(output_size[0]), int(output_size[1])), padded))
+    return geoms
+
+
+def resized_argmax(semseg: Tensor, size: Size, chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """semseg (K, h, w) resized bilinearly to `size` (H, W) a chunk of classes at a time, never whole.
+
+    Returns the argmax class (H*W,) (ties -> lowest class), its value (H*W,) and the sum over classes (H*W,).
+    """
+    k, ih, iw = semseg.shape
+    n = size[0] * size[1]
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // (ih * iw + n))
+    label_map = torch.zeros(n, dtype=torch.int64, device=semseg.device)
+    best = torch.full((n,), -torch.inf, dtype=torch.float32, device=semseg.device)
+    total = torch.zeros(n, dtype=torch.float32, device=semseg.device)
+    for start in range(0, k, chunk_size):
+        part = semseg[None, start : start + chunk_size]  # (1, c, h, w)
+        if (ih, iw) != tuple(size):
+            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)  # (1, c, H, W)
+        part = part[0].flatten(1)  # (c, H*W)
+        total += part.sum(0)
+        arg = part.argmax(0)  # (H*W,), ties -> lowest class of the chunk
+        top = part.gather(0, arg[None])[0]
+        better = top > best  # strict: an earlier chunk keeps a tie
+        best = torch.where(better, top, best)
+        label_map = torch.where(better, arg + start, label_map)
+    return label_map, best, total

@@ -1,0 +1,159 @@
+"""One image -> segments recipe, used by the Ray actor, the quality scorer, the benchmarks and users.
+
+`Predictor(net, task=...)` owns everything between pixels and segment dicts: the model's test-time
+resize, normalisation and padding, the forward pass (under autocast for bf16/fp16), the configured
+task's post-processing and the conversion to the rows' `segments` (COCO RLE, score threshold). Batch
+plumbing (Ray batches, error rows, retries) stays with its callers, so the numbers a user gets from
+`Predictor(net)(image)` are the ones `m2f segment` writes.
+
+    from m2f import model
+    from m2f.pipeline.predictor import Predictor
+
+    predict = Predictor(model.load("model_final_94dc52.pkl"), task="panoptic")
+    segments = predict(image)  # image (H, W, 3) uint8 RGB -> [{"label", "score", "rle", ...}, ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from m2f.model.config import TASKS
+from m2f.model.mask2former import Mask2Former
+from m2f.model.postprocess import Segments, postprocess
+from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
+from m2f.pipeline.encode import encode_segments, image_stats
+
+# --precision -> autocast dtype (None: plain fp32)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device`; ValueError for a name we do not know or fp16 on a CPU.
+
+    Separate from `Predictor` so that a caller can refuse a bad setting before loading a checkpoint.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return PRECISIONS[precision]
+
+
+@dataclass
+class Prediction:
+    """One image's post-processed output at its original size, on the CPU."""
+
+    task: str
+    masks: np.ndarray  # (N, H, W) bool
+    labels: np.ndarray  # (N,) int64, contiguous class index
+    scores: np.ndarray  # (N,) float32
+    panoptic: np.ndarray | None = None  # (H, W) int32 id map (panoptic): 0 = void, i+1 = segment i
+
+
+class Predictor:
+    """image -> segments with one loaded model.
+
+    `__call__(image)` does the whole chain for one image. The steps are public for callers that batch:
+    `resize` (a CPU stage may do it elsewhere), `groups` (equal padded sizes, since padding changes
+    predictions), `predict` (one forward pass over resized images of one padded size) and `encode`.
+    """
+
+    def __init__(
+        self,
+        net: Mask2Former,
+        *,
+        task: str | None = None,
+        precision: str = "fp32",
+        score_threshold: float = 0.0,
+    ) -> None:
+        self.net = net
+        self.config = net.config
+        self.task = task or self.config.task
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        self.device = net.device
+        self.dtype = autocast_dtype(precision, self.device)
+        self.score_threshold = score_threshold
+
+    def __call__(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """image (H, W, 3) uint8 RGB, upright -> its segments, as a row's `segments` column holds them."""
+        (prediction,) = self.predict([self.resize(image)], [image.shape[:2]])
+        return self.encode(prediction)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (h, w, 3) by the checkpoint's test-time resize rule."""
+        return resize_image(image, self.config.preprocess)
+
+    def groups(self, images: Sequence[np.ndarray], batch_size: int) -> list[list[int]]:
+        """Indices of resized `images` in forward passes of one padded size and at most `batch_size`."""
+        sizes = [image.shape[:2] for image in images]
+        return group_by_padded_size(sizes, batch_size, self.config.preprocess.size_divisibility)
+
+    def predict(self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
+        """Resized images (h, w, 3) of one padded size -> the configured task's prediction per image, at
+        `output_sizes` (each image's original (H, W))."""
+        return [by_task[self.task] for by_task in self.predict_tasks(images, output_sizes, (self.task,))]
+
+    def predict_tasks(
+        self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]], tasks: Sequence[str]
+    ) -> list[dict[str, Prediction]]:
+        """As `predict`, for several tasks from one forward pass (the quality scorer wants PQ and AP)."""
+        with torch.inference_mode():
+            pixel_values, image_sizes = to_batch(images, self.config.preprocess, device=self.device)  # (B, 3, Hp, Wp)
+            with self._autocast():
+                out = self.net(pixel_values)
+            per_task = {
+                task: postprocess(
+                    task,
+                    out.class_logits.float(),  # (B, Q, K+1)
+                    out.mask_logits.float(),  # (B, Q, Hp/4, Wp/4)
+                    config=self.config,
+                    image_sizes=image_sizes,
+                    output_sizes=[(int(h), int(w)) for h, w in output_sizes],
+                    padded_size=tuple(pixel_values.shape[-2:]),
+                )
+                for task in tasks
+            }
+            return [
+                {task: _to_numpy(task, results[i]) for task, results in per_task.items()} for i in range(len(images))
+            ]
+
+    def encode(self, prediction: Prediction) -> list[dict[str, Any]]:
+        """A prediction -> segment dicts (COCO RLE), without those scoring below `score_threshold`.
+
+        An instance whose mask is empty at the output size is no instance, and is dropped too.
+        """
+        masks, scores = prediction.masks, prediction.scores
+        keep = scores >= self.score_threshold
+        if prediction.task == "instance":
+            keep &= masks.reshape(len(masks), -1).any(axis=1)
+        cfg = self.config
+        return encode_segments(
+            masks[keep],
+            prediction.labels[keep],
+            scores[keep],
+            class_names=cfg.class_names,
+            is_thing=cfg.is_thing,
+            category_ids=cfg.category_ids or None,
+        )
+
+    def stats(self, segments: Sequence[dict[str, Any]], height: int, width: int) -> dict[str, Any]:
+        """The row's per-image statistics of `segments` (class fractions, counts, mean score)."""
+        return image_stats(segments, height, width, semantic=self.task == "semantic")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def _to_numpy(task: str, segments: Segments) -> Prediction:
+    panoptic = None if segments.panoptic is None else segments.panoptic.cpu().numpy()
+    masks, labels, scores = (t.cpu().numpy() for t in (segments.masks, segments.labels, segments.scores))
+    return Prediction(task=task, masks=masks, labels=labels, scores=scores, panoptic=panoptic)
