@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from m2f.pipeline.secrets import redact
-from m2f.pipeline.storage import storage_options
+from m2f.pipeline.storage import Storage
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtypes: pipeline.predictor maps each to torch's
@@ -77,7 +77,12 @@ class SegmentConfig:
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"--max-error-rate must lie in [0, 1], got {self.max_error_rate}")
         if self.storage_options_json:  # checked even when every path is local and would never parse it
-            storage_options("s3://", None, self.storage_options_json)
+            Storage.from_cli(None, self.storage_options_json)
+
+    @property
+    def storage(self) -> Storage:
+        """How to reach INPUT, OUTPUT and the model (validate() has checked the options' JSON)."""
+        return Storage.from_cli(self.endpoint_url, self.storage_options_json)
 
     def redacted(self) -> dict[str, Any]:
         """The configuration for the report: storage options parsed and redacted, URLs stripped of passwords."""
@@ -122,5 +127,9 @@ class TrainConfig:
     ray_address: str | None = None
     log_every: int = 1
 
+    @property
+    def storage(self) -> Storage:
+        return Storage.from_cli(self.endpoint_url, self.storage_options_json)
+
     def options(self, uri: str) -> dict[str, Any]:
-        return storage_options(uri, self.endpoint_url, self.storage_options_json)
+        return self.storage.options(uri)
