@@ -6,7 +6,9 @@ imports nothing heavy (no torch, no Ray), so `m2f --help` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -131,5 +133,18 @@ class TrainConfig:
     def storage(self) -> Storage:
         return Storage.from_cli(self.endpoint_url, self.storage_options_json)
 
+    def resolved(self) -> TrainConfig:
+        """Local paths made absolute: Ray Train runs the workers in a folder of its own, where a relative
+        DATA or OUTPUT would name nothing (or somewhere else)."""
+        paths = ("data", "output", "annotations", "images", "masks", "init")
+        return dataclasses.replace(self, **{name: _absolute(getattr(self, name)) for name in paths})
+
     def options(self, uri: str) -> dict[str, Any]:
         return self.storage.options(uri)
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path (no scheme) made absolute; URIs and None as they are."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path.removeprefix("file:")))

@@ -1,4 +1,4 @@
-"""Progress of a segmentation run, for people and for logs.
+"""Progress of a run (images segmented, training steps), for people and for logs.
 
 On a terminal: a live bar (tqdm) on stderr. Anywhere else (a scheduler's log, a file, a pipe): one plain
 line at least every `interval` seconds, whether or not anything finished since the last one, so that a
@@ -46,9 +46,13 @@ class Progress:
         interval: float = INTERVAL_S,
         stream: IO[str] | None = None,
         prefix: str = "m2f segment",
+        unit: str = "images",
+        initial: int = 0,
     ) -> None:
         self.total = total
-        self.done = 0
+        self.done = self.initial = initial  # `initial`: done before this run (a resumed training)
+        self.unit = unit
+        self.note = ""  # appended to the line, e.g. "loss 0.412"
         self.errors = 0
         self.interval = interval
         self.prefix = prefix
@@ -64,7 +68,8 @@ class Progress:
             # tqdm then draws nothing: give it a size of its own there.
             width, height = _size(self._stream)
             sized = {"dynamic_ncols": True} if width and height else {"ncols": 100, "nrows": 24}
-            self._bar = tqdm(total=total, file=self._stream, unit="img", desc=prefix, **sized)
+            unit_name = "img" if unit == "images" else unit.rstrip("s")
+            self._bar = tqdm(total=total, initial=initial, file=self._stream, unit=unit_name, desc=prefix, **sized)
 
     def update(self, done: int, errors: int = 0) -> None:
         """`done` more images finished, `errors` of them as error rows."""
@@ -79,20 +84,31 @@ class Progress:
                 if errors:
                     self._bar.set_postfix(errors=self.errors, refresh=False)
 
+    def set_note(self, note: str) -> None:
+        with self._lock:
+            self.note = note
+            if self._bar is not None:
+                self._bar.set_postfix_str(note, refresh=False)
+
     def rate(self) -> float | None:
-        """Images per second since the first result; None before there is a rate to tell."""
+        """Units per second since the first result; None before there is a rate to tell."""
         if self._first is None:
             return None
         elapsed = time.monotonic() - self._first
-        return self.done / elapsed if elapsed > 1.0 and self.done else None
+        done = self.done - self.initial
+        return done / elapsed if elapsed > 1.0 and done else None
 
     def line(self) -> str:
         rate = self.rate()
-        text = f"{self.prefix}: {self.done:,}/{self.total:,} images ({self.errors:,} errors)"
+        text = f"{self.prefix}: {self.done:,}/{self.total:,} {self.unit}"
+        if self.unit == "images":
+            text += f" ({self.errors:,} errors)"
+        if self.note:
+            text += f", {self.note}"
         if rate is None:
-            return text + ", waiting for the first results" if not self.done else text
+            return text + ", waiting for the first results" if self.done == self.initial else text
         left = max(0, self.total - self.done)
-        return text + f", {rate:.1f} images/s, ETA {format_duration(left / rate)}"
+        return text + f", {rate:.1f} {self.unit}/s, ETA {format_duration(left / rate)}"
 
     def tick(self) -> None:
         """Print the periodic line when `interval` has passed (logs only; a bar redraws itself)."""

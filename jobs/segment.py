@@ -35,7 +35,6 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -62,7 +61,7 @@ from m2f.jobs.resume import (
     scan_output,
 )
 from m2f.jobs.segment_end import finish
-from m2f.pipeline.output import run_file
+from m2f.pipeline.output import new_run_id, run_file
 from m2f.pipeline.secrets import scrub, secret_values
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import open_fs, qualify, storage_failure, storage_options, write_atomic
@@ -73,11 +72,6 @@ INSTANCE_SCORE_THRESHOLD = 0.5  # detectron2's demo and Hugging Face's pipeline 
 PROGRESS_SECONDS = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a progress line in logs this often
 
 log = logging.getLogger(__name__)
-
-
-def new_run_id() -> str:
-    """UTC timestamp plus a short random suffix: sortable, and unique across concurrent starts."""
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 # --- the job --------------------------------------------------------------------------------------

@@ -1,367 +1,251 @@
 """`m2f train`: fine-tune or train Mask2Former on Ray Train (TorchTrainer, DDP).
 
-Each worker reads its shard of a COCO-panoptic / COCO-instances / semantic-mask dataset from any
-fsspec URI, applies large-scale jitter and flips, and optimises the Mask2Former objective (Hungarian
-matching, class CE + point-sampled BCE and dice, deep supervision) with AdamW (backbone lr x0.1, no
-decay on norms and embeddings), full-model gradient clipping and a warm-up + poly schedule.
+The parts: jobs/train_setup.py (data, model, optimiser groups, schedule), jobs/train_loop.py (what each
+worker runs), jobs/checkpoints.py (what OUTPUT holds and how a run resumes). This module is the driver:
+it checks the arguments before Ray starts (exit 2, nothing written), runs the trainer with Ray's own
+output in the run's log, draws the progress from rank 0's reports, and ends every way a run can end with
+one line, an exit code and a report under `OUTPUT/_runs/<run_id>.json`:
 
-Checkpoints are ours, written by rank 0 straight to OUTPUT (local or object storage):
-`checkpoints/step_NNNNNNN.safetensors` (the model, loadable by `model.load` and `m2f segment`) and
-`.state.pt` beside it (optimizer, schedule, step), then `latest.json` pointing at both — written
-last, so a run killed at any moment resumes from the last complete pair. The finished model is
-also written to `OUTPUT/model.safetensors`, and the per-step loss and learning rate go to
-`OUTPUT/metrics.jsonl`.
+    0 done · 2 bad arguments · 3 training failed (the cause in one line; the log has the traceback) ·
+    130 / 143 cancelled by SIGINT / SIGTERM. After 3, 130 and 143 a re-run resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import math
+import logging
 import os
-import time
+import re
+import threading
+from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-import torch
-
-from m2f.jobs.cluster import connect
+from m2f.jobs.checkpoints import read_latest
+from m2f.jobs.cluster import ray_session
 from m2f.jobs.configs import TrainConfig
-from m2f.pipeline.secrets import redact
-from m2f.pipeline.storage import open_fs, write_atomic
+from m2f.jobs.lifecycle import Cancelled, RunLog, Stop, Terminal, handling_signals
+from m2f.jobs.progress import Progress
+from m2f.jobs.train_setup import open_dataset, total_steps
+from m2f.pipeline.output import new_run_id, run_file
+from m2f.pipeline.secrets import redact, scrub, secret_values
+from m2f.pipeline.storage import open_fs, qualify, write_atomic
 
-KEEP_CHECKPOINTS = 3
+PROGRESS_SECONDS = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a progress line in logs this often
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 
-
-# ---------------------------------------------------------------- data
-
-
-def open_dataset(cfg: TrainConfig):
-    """The dataset reader for `cfg.format`, with the synthetic/COCO default layout under DATA."""
-    from m2f.pipeline.training import datasets
-
-    root = cfg.data.rstrip("/")
-    opts = cfg.options(root)
-    images = cfg.images or f"{root}/images"
-    if cfg.format == "coco-panoptic":
-        ann = cfg.annotations or f"{root}/panoptic.json"
-        masks = cfg.masks or f"{root}/panoptic"
-        return datasets.CocoPanoptic(ann, masks, images, storage_options=opts)
-    if cfg.format == "coco-instances":
-        return datasets.CocoInstances(cfg.annotations or f"{root}/instances.json", images, storage_options=opts)
-    if cfg.format == "semantic":
-        cats_uri = cfg.annotations or f"{root}/panoptic.json"
-        fs, path = open_fs(cats_uri, opts)
-        categories = json.loads(fs.cat_file(path))["categories"]
-        return datasets.SemanticMasks(images, cfg.masks or f"{root}/semantic", categories, storage_options=opts)
-    raise ValueError(f"unknown data format {cfg.format!r} (coco-panoptic, coco-instances, semantic)")
+log = logging.getLogger(__name__)
 
 
-def default_task(fmt: str) -> str:
-    return {"coco-panoptic": "panoptic", "coco-instances": "instance", "semantic": "semantic"}[fmt]
-
-
-# ---------------------------------------------------------------- model
-
-
-def build_for_training(cfg: TrainConfig, categories: list[dict]) -> tuple[Any, list[str]]:
-    """The model to train and the keys that start fresh (a re-initialised class head)."""
-    from m2f import model as m2f
-    from m2f.model.config import ModelConfig, PreprocessConfig
-    from m2f.model.presets import ARCHITECTURES
-
-    names = tuple(c["name"] for c in categories)
-    is_thing = tuple(bool(c.get("isthing", 1)) for c in categories)
-    ids = tuple(int(c["id"]) for c in categories)
-    task = default_task(cfg.format)
-    if cfg.init:
-        base = m2f.load(cfg.init, storage_options=cfg.options(cfg.init))
-        config = base.config.replace(
-            name=f"{base.config.name}-ft",
-            num_classes=len(names),
-            class_names=names,
-            is_thing=is_thing,
-            category_ids=ids,
-            task=task,
-        )
-        fresh = m2f.build_model(config)
-        own = base.state_dict()
-        target = fresh.state_dict()
-        reset = [k for k in target if k not in own or own[k].shape != target[k].shape]
-        fresh.load_state_dict({k: (target[k] if k in reset else own[k]) for k in target})
-        return fresh, reset
-    if cfg.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown --arch {cfg.arch!r}; choose from {sorted(ARCHITECTURES)}")
-    arch = ARCHITECTURES[cfg.arch]
-    config = ModelConfig(
-        name=f"{cfg.arch}-{os.path.basename(cfg.data.rstrip('/'))}",
-        backbone=arch.backbone,
-        pixel_decoder=arch.pixel_decoder,
-        decoder=arch.decoder,
-        num_classes=len(names),
-        class_names=names,
-        is_thing=is_thing,
-        category_ids=ids,
-        task=task,
-        # test-time resize: the longer side at the training crop size (large-scale jitter's scale 1)
-        preprocess=PreprocessConfig(min_size=cfg.image_size, max_size=cfg.image_size),
-    )
-    return m2f.build_model(config), []
-
-
-def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: backbone at lr x backbone_lr_mult; no weight decay on norms and embeddings."""
-    no_decay_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.Embedding)
-    no_decay: set[str] = set()
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, no_decay_types):
-            no_decay.update(f"{mod_name}.{p}" if mod_name else p for p, _ in mod.named_parameters(recurse=False))
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        embed = name.endswith(("level_embed", "relative_position_bias_table"))
-        key = (name.startswith("backbone."), name in no_decay or embed)
-        groups.setdefault(key, []).append(p)
-    return [
-        {
-            "params": params,
-            "lr": cfg.lr * (cfg.backbone_lr_mult if backbone else 1.0),
-            "weight_decay": 0.0 if nodecay else cfg.weight_decay,
-        }
-        for (backbone, nodecay), params in sorted(groups.items())
-    ]
-
-
-def lr_factor(step: int, total: int, warmup: int, power: float = 0.9) -> float:
-    """Linear warm-up from 0.1% then poly decay to zero (detectron2's WarmupPolyLR)."""
-    if warmup and step < warmup:
-        alpha = step / warmup
-        return 0.001 * (1 - alpha) + alpha
-    return (1.0 - min(step, total) / max(total, 1)) ** power
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _ckpt_dir(cfg: TrainConfig) -> str:
-    return f"{cfg.output.rstrip('/')}/checkpoints"
-
-
-def read_latest(cfg: TrainConfig) -> dict[str, Any] | None:
-    fs, path = open_fs(f"{cfg.output.rstrip('/')}/latest.json", cfg.options(cfg.output))
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.cat_file(path))
-
-
-def write_checkpoint(
-    cfg: TrainConfig, model: torch.nn.Module, state: dict[str, Any], step: int, metrics_lines: list[str]
-) -> str:
-    """Model + trainer state, then metrics, then latest.json (the commit point)."""
-    from m2f.model.checkpoint import to_bytes
-
-    opts = cfg.options(cfg.output)
-    out = cfg.output.rstrip("/")
-    name = f"step_{step:07d}"
-    fs, _ = open_fs(out, opts)
-    files = {
-        f"{_ckpt_dir(cfg)}/{name}.safetensors": to_bytes(model),
-        f"{_ckpt_dir(cfg)}/{name}.state.pt": _torch_bytes(state),
-        f"{out}/metrics.jsonl": "".join(metrics_lines).encode(),
-    }
-    for uri, data in files.items():
-        fs_, path = open_fs(uri, opts)
-        fs_.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        write_atomic(fs_, path, data)
-    latest = {"step": step, "model": f"checkpoints/{name}.safetensors", "state": f"checkpoints/{name}.state.pt"}
-    fs_, path = open_fs(f"{out}/latest.json", opts)
-    write_atomic(fs_, path, json.dumps(latest).encode())
-    _prune(cfg, keep=KEEP_CHECKPOINTS)
-    return f"{out}/{latest['model']}"
-
-
-def _prune(cfg: TrainConfig, keep: int) -> None:
-    fs, path = open_fs(_ckpt_dir(cfg), cfg.options(cfg.output))
-    try:
-        names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".safetensors"))
-    except FileNotFoundError:
-        return
-    for old in names[:-keep]:
-        for p in (old, old.replace(".safetensors", ".state.pt")):
-            if fs.exists(p):
-                fs.rm(p)
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------- the worker loop
-
-
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-    from tqdm import tqdm
-
-    from m2f.model.criterion import LossConfig, SetCriterion
-    from m2f.model.safe_pickle import load_torch
-    from m2f.pipeline.training.augment import collate, large_scale_jitter, random_flip
-
-    cfg = TrainConfig(**loop_config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.threads_per_worker)
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-
-    dataset = open_dataset(cfg)
-    categories = list(dataset.categories)
-    net, reset = build_for_training(cfg, categories)
-    if reset and rank == 0:
-        print(f"re-initialised (class count differs from --init): {', '.join(reset)}")
-    mean, std = net.config.preprocess.pixel_mean, net.config.preprocess.pixel_std
-
-    steps_per_epoch = max(1, len(dataset) // (cfg.batch_size * world))
-    total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
-
-    start, state, metrics_lines = 0, None, []
-    latest = read_latest(cfg)
-    if latest:
-        from m2f import model as m2f
-
-        out = cfg.output.rstrip("/")
-        restored = m2f.load(f"{out}/{latest['model']}", storage_options=cfg.options(cfg.output))
-        net.load_state_dict(restored.state_dict())
-        fs, path = open_fs(f"{out}/{latest['state']}", cfg.options(cfg.output))
-        state = load_torch(fs.cat_file(path))
-        start = int(latest["step"])
-        fs, path = open_fs(f"{out}/metrics.jsonl", cfg.options(cfg.output))
-        if fs.exists(path):
-            metrics_lines = [line + "\n" for line in fs.cat_file(path).decode().splitlines() if line]
-        if rank == 0:
-            print(f"resuming from step {start} ({latest['model']})")
-
-    net.train()
-    net = ray.train.torch.prepare_model(net) if world > 1 else net.to(device)  # DDP (gloo on CPU)
-    inner = net.module if hasattr(net, "module") else net
-    optimizer = torch.optim.AdamW(param_groups(inner, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-    criterion = SetCriterion(inner.config.num_classes, LossConfig(num_points=cfg.num_points))
-    amp_dtype = torch.bfloat16 if (cfg.use_gpu and torch.cuda.is_bf16_supported()) else None
-
-    def batch_at(step: int):
-        """The batch of `step` on this worker: a function of (seed, step, rank) only, so resumes match."""
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = np.random.default_rng((cfg.seed, epoch)).permutation(len(dataset))
-        idx = order[(pos * world + rank) * cfg.batch_size : (pos * world + rank + 1) * cfg.batch_size]
-        rng = np.random.default_rng((cfg.seed, step, rank))
-        samples = []
-        for i in idx:
-            s = dataset.load(int(i))
-            s = large_scale_jitter(
-                s, output_size=cfg.image_size, min_scale=cfg.min_scale, max_scale=cfg.max_scale, rng=rng
-            )
-            samples.append(random_flip(s, rng))
-        return collate(samples, mean, std)
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(1)  # prepares the next batch while this one trains
-    upcoming = pool.submit(batch_at, start) if start < total else None
-    bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, mininterval=5)
-    loss_sum, t0, last = 0.0, time.time(), {}
-    for step in range(start, total):
-        pixel_values, targets = upcoming.result()
-        upcoming = pool.submit(batch_at, step + 1) if step + 1 < total else None
-        pixel_values = pixel_values.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        factor = lr_factor(step, total, cfg.warmup_steps)
-        for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            g["lr"] = base * factor
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            output = net(pixel_values)
-        losses = criterion(output, targets)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-        optimizer.step()
-        loss = float(losses["loss"].detach())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}: lower --lr or check the data")
-        loss_sum += loss
-        bar.update(1)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total:
-            n = (done - start) % cfg.log_every or cfg.log_every
-            last = {
-                "step": done,
-                "loss": loss_sum / n,
-                "loss_ce": losses["loss_ce"].detach().item(),
-                "loss_mask": losses["loss_mask"].detach().item(),
-                "loss_dice": losses["loss_dice"].detach().item(),
-                "lr": optimizer.param_groups[-1]["lr"],
-                "elapsed_s": round(time.time() - t0, 1),
-            }
-            loss_sum = 0.0
-            metrics_lines.append(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
-        checkpoint = done % cfg.checkpoint_every == 0 or done == total
-        if checkpoint and rank == 0:
-            state = {"optimizer": optimizer.state_dict(), "step": done}
-            write_checkpoint(cfg, inner, state, done, metrics_lines)
-            if done == total:
-                from m2f.model.checkpoint import to_bytes
-
-                fs, path = open_fs(f"{cfg.output.rstrip('/')}/model.safetensors", cfg.options(cfg.output))
-                write_atomic(fs, path, to_bytes(inner))
-        if checkpoint:  # per-step figures go to metrics.jsonl and the bar; Ray gets one per checkpoint
-            ray.train.report(dict(last or {"step": done}))
-    bar.close()
-    pool.shutdown()
-
-
-# ---------------------------------------------------------------- driver
+class BadArguments(ValueError):
+    pass
 
 
 def run(cfg: TrainConfig) -> int:
-    """Launch the TorchTrainer; returns the process exit code."""
-    import tempfile
+    """Train; returns the exit code (see the module docstring)."""
+    stop = Stop()
+    with handling_signals(stop):
+        return TrainRun(cfg.resolved(), stop).run()
 
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError("--max-steps must be >= 1")
-    open_dataset(cfg)  # fail fast, in the driver, on a bad path or format
-    started = connect(cfg.ray_address)
-    try:
-        print(f"training with {json.dumps(redact(dataclasses.asdict(cfg)))}")
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=dataclasses.asdict(cfg),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.workers,
-                use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.threads_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-            ),
-            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="m2f-train-"), name="m2f-train"),
+class TrainRun:
+    def __init__(self, cfg: TrainConfig, stop: Stop) -> None:
+        self.cfg, self.stop = cfg, stop
+        self.run_id = new_run_id()
+        self.started = datetime.now(UTC)
+        self.terminal = Terminal()
+        self.secrets = secret_values(cfg.storage.user_options)
+        self.log = RunLog(self.run_id)
+        self.images = 0
+        self.start_step = 0
+        self.total = 0
+        self.last: dict[str, Any] = {}
+
+    def say(self, text: str, *, err: bool = False) -> None:
+        self.terminal.line(scrub(text, self.secrets), err=err)
+
+    def run(self) -> int:
+        status, failure = "completed", ""
+        try:
+            try:
+                self._check()
+            except (ValueError, FileNotFoundError, KeyError) as e:  # BadArguments too
+                self.log.close()
+                message = e.args[0] if isinstance(e, KeyError) and e.args else e
+                if isinstance(e, FileNotFoundError) and e.filename:
+                    message = f"not found: {e.filename}"
+                self.say(f"m2f train: error: {message}", err=True)
+                return 2
+            self._train()
+            if self.stop.requested:
+                status = "cancelled"
+        except Cancelled:
+            status = "cancelled"
+        except Exception as e:  # the trainer's error, a storage failure: one line here, the traceback in the log
+            log.exception("training failed")
+            status, failure = "failed", _cause(e)
+        return self._finish(status, failure)
+
+    # --- phases -----------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        """What can be checked before Ray starts: the options, the dataset, where to resume from."""
+        cfg = self.cfg
+        if cfg.max_steps is not None and cfg.max_steps < 1:
+            raise BadArguments("--max-steps must be >= 1")
+        if cfg.epochs is not None and cfg.epochs <= 0:
+            raise BadArguments("--epochs must be > 0")
+        from m2f.model.presets import ARCHITECTURES
+
+        if not cfg.init and cfg.arch not in ARCHITECTURES:
+            raise BadArguments(f"unknown --arch {cfg.arch!r}; choose from {', '.join(sorted(ARCHITECTURES))}")
+        dataset = open_dataset(cfg)  # a bad path or format fails here, in the driver
+        self.images = len(dataset)
+        if not self.images:
+            raise BadArguments(f"no training images under {cfg.data}")
+        _, self.total = total_steps(cfg, self.images, cfg.workers)
+        latest = read_latest(cfg)
+        self.start_step = int(latest["step"]) if latest else 0
+        resume = f", resuming from step {self.start_step}" if latest else ""
+        self.say(
+            f"m2f train {self.run_id}: {self.images} images ({cfg.format}), steps {self.start_step}-{self.total} "
+            f"on {cfg.workers} worker(s){resume}"
         )
-        trainer.fit()
-    finally:
-        if started:
+
+    def _train(self) -> None:
+        cfg = self.cfg
+        if self.start_step >= self.total:
+            return
+        self.stop.raise_now = False  # a signal inside ray.init() would leave a half-started Ray behind
+        with self.terminal.capture_ray(self.log.path), ray_session(cfg.ray_address, self.stop):
+            if self.stop.requested:
+                raise Cancelled(self.stop.signum or 15)
             import ray
 
-            ray.shutdown()
-    latest = read_latest(cfg)
-    if latest:
-        print(f"done: step {latest['step']}; model at {cfg.output.rstrip('/')}/model.safetensors")
-    return 0
+            from m2f.jobs.train_loop import TrainProgress
+
+            sink = ray.remote(num_cpus=0)(TrainProgress).remote()
+            outcome: dict[str, BaseException] = {}
+            fitting = threading.Thread(target=self._fit, args=(sink, outcome), name="m2f-train-fit", daemon=True)
+            progress = Progress(
+                self.total,
+                initial=self.start_step,
+                unit="steps",
+                prefix="m2f train",
+                interval=PROGRESS_SECONDS,
+                stream=self.terminal.err,
+            )
+            try:
+                fitting.start()
+                while fitting.is_alive() and not self.stop.requested:
+                    fitting.join(timeout=1.0)
+                    self._show(ray.get(sink.take.remote(), timeout=30), progress)
+                if not self.stop.requested:
+                    self._show(ray.get(sink.take.remote(), timeout=30), progress)
+            finally:
+                progress.close()
+            if "error" in outcome and not self.stop.requested:
+                raise outcome["error"]
+
+    def _fit(self, sink: Any, outcome: dict[str, BaseException]) -> None:
+        import tempfile
+
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from m2f.jobs.train_loop import train_loop
+
+        cfg = self.cfg
+        try:
+            TorchTrainer(
+                train_loop,
+                train_loop_config={**dataclasses.asdict(cfg), "progress": sink},
+                scaling_config=ScalingConfig(
+                    num_workers=cfg.workers,
+                    use_gpu=cfg.use_gpu,
+                    resources_per_worker={"CPU": cfg.threads_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                ),
+                run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="m2f-train-"), name="m2f-train"),
+            ).fit()
+        except BaseException as e:  # handed to the main thread, which owns the ending
+            outcome["error"] = e
+
+    def _show(self, state: dict[str, Any], progress: Progress) -> None:
+        for note in state.get("notes", []):
+            self.say(f"m2f train: {note}", err=True)
+        if state.get("step") is not None:
+            self.last = state
+            progress.update(max(0, state["step"] - progress.done))
+            progress.set_note(f"loss {state['loss']:.4f}, lr {state['lr']:.2e}")
+        if progress.done < progress.total:  # after the last step only Ray Train's shutdown is left
+            progress.tick()
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    def _finish(self, status: str, failure: str) -> int:
+        cfg = self.cfg
+        latest = _quietly(lambda: read_latest(cfg))
+        step = int(latest["step"]) if latest else 0
+        exit_code = {"completed": 0, "failed": 3}.get(status, self.stop.exit_code or 130)
+        report = _quietly(lambda: self._write_report(status, exit_code, step, failure))
+        where = f"; report: {report}" if report else f"; log: {self.log.path}"
+        out = cfg.output.rstrip("/")
+        if status == "completed":
+            loss = f", loss {self.last['loss']:.4f}" if self.last.get("loss") is not None else ""
+            self.say(f"m2f train: done at step {step}{loss}; model: {out}/model.safetensors{where}")
+        else:
+            what = (
+                f"cancelled by {self.stop.signal_name() or 'a signal'}"
+                if status == "cancelled"
+                else f"error: {failure}"
+            )
+            kept = f"last checkpoint: step {step}" if latest else "no checkpoint yet"
+            self.say(f"m2f train: {what}; {kept}; a re-run resumes{where}", err=True)
+        return exit_code
+
+    def _write_report(self, status: str, exit_code: int, step: int, failure: str) -> str:
+        """`_runs/<run_id>.json` and the log beside it; returns the report's URI."""
+        cfg = self.cfg
+        fs, root = open_fs(cfg.output, cfg.options(cfg.output))
+        log_path = run_file(root, self.run_id, ".log")
+        report = {
+            "run_id": self.run_id,
+            "command": "train",
+            "status": status,
+            "exit_code": exit_code,
+            "error": failure or None,
+            "config": redact({k: v for k, v in dataclasses.asdict(cfg).items() if k != "storage_options_json"}),
+            "images": self.images,
+            "start_step": self.start_step,
+            "step": step,
+            "total_steps": self.total,
+            "last": {k: v for k, v in self.last.items() if k != "notes"},
+            "started": self.started.isoformat(),
+            "finished": datetime.now(UTC).isoformat(),
+            "log": qualify(fs, log_path),
+        }
+        write_atomic(fs, log_path, scrub(self.log.text(), self.secrets))
+        self.log.close()
+        path = run_file(root, self.run_id, ".json")
+        write_atomic(fs, path, scrub(json.dumps(report, indent=2), self.secrets) + "\n")
+        return qualify(fs, path)
+
+
+def _cause(e: BaseException) -> str:
+    """The one line that says why training failed: the worker's own exception when Ray wraps it (Ray's
+    message is a traceback with the error as its last line), else the exception itself."""
+    text = str(e)
+    for line in reversed(text.splitlines()):
+        found = _ERROR_LINE.match(line)
+        if found:
+            return f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2).strip()}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _quietly(fn: Any) -> Any:
+    try:
+        return fn()
+    except Exception:
+        log.exception("after training")
+        return None

@@ -17,6 +17,8 @@ from __future__ import annotations
 import io
 import posixpath
 import re
+import secrets
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +31,11 @@ RUNS_DIR = "_runs"
 PREVIEWS_DIR = "_previews"
 QUARANTINE_DIR = "_quarantine"
 COMPRESSION = "zstd"
+
+
+def new_run_id() -> str:
+    """UTC timestamp plus a short random suffix: sortable, and unique across concurrent starts."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def part_name(root: str, run_id: str, sequence: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,10 +16,11 @@ from typer.testing import CliRunner
 
 from m2f import model as m2f
 from m2f.cli import app
-from m2f.jobs.train import TrainConfig, build_for_training, lr_factor, param_groups
+from m2f.jobs.configs import TrainConfig
+from m2f.jobs.train_setup import build_for_training, lr_factor, param_groups
 from m2f.model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, ResNetConfig
 from m2f.pipeline.training.synthetic import SYNTHETIC_CATEGORIES, generate
-from tests.processes import kill_tree
+from tests.processes import descendants, kill_tree
 
 FAST = ["--image-size", "64", "--min-scale", "0.8", "--max-scale", "1.0", "--num-points", "256", "--batch-size", "1"]
 
@@ -30,17 +32,33 @@ def scenes(tmp_path_factory) -> str:
     return str(root)
 
 
-def test_two_workers_train_and_write_a_loadable_model(scenes, tmp_path):
+def train_command(data: str, out: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "m2f.cli", "train", data, out, *args, *FAST]
+
+
+def test_two_workers_train_quietly_from_relative_paths_and_write_a_loadable_model(scenes, tmp_path):
+    """A scheduler's view: relative DATA and OUTPUT (Ray Train runs workers elsewhere), no terminal, and
+    only our lines on stdout and stderr; Ray's output is in the run's log, which the report names."""
+    (tmp_path / "data").symlink_to(scenes)
+    command = train_command("data", "run", "--workers", "2", "--max-steps", "3", "--checkpoint-every", "2")
+    env = {**os.environ, "M2F_PROGRESS_SECONDS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert lines and all(line.startswith("m2f train") for line in lines), lines
+    assert "done at step 3" in done.stdout
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        app, ["train", scenes, str(out), "--workers", "2", "--max-steps", "3", "--checkpoint-every", "2", *FAST]
-    )
-    assert result.exit_code == 0, result.output
     latest = json.loads((out / "latest.json").read_text())
     assert latest["step"] == 3
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2, 3]
-    assert all(x["loss"] > 0 and x["lr"] >= 0 for x in lines)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in metrics] == [1, 2, 3]
+    assert all(x["loss"] > 0 for x in metrics)
+    assert metrics[0]["lr"] == pytest.approx(1e-4)  # the head's --lr (the backbone's is 1e-5), no warm-up
+    (report_path,) = (out / "_runs").glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert (report["status"], report["exit_code"], report["step"]) == ("completed", 0, 3)
+    assert report["config"]["data"] == str(tmp_path / "data")  # made absolute for the workers
+    assert "TrainController" in Path(report["log"]).read_text()  # Ray's lines went to the log
     trained = m2f.load(str(out / "model.safetensors"))
     assert trained.config.class_names == tuple(c["name"] for c in SYNTHETIC_CATEGORIES)
     assert trained.config.task == "panoptic"
@@ -48,12 +66,56 @@ def test_two_workers_train_and_write_a_loadable_model(scenes, tmp_path):
         assert torch.isfinite(trained(torch.randn(1, 3, 64, 64)).mask_logits).all()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "nope"], "unknown --arch 'nope'"),
+        (["--max-steps", "0"], "--max-steps must be >= 1"),
+        (["--format", "semantic", "--annotations", "missing.json"], "not found:"),
+    ],
+)
+def test_bad_arguments_exit_2_before_ray_starts_and_write_nothing(scenes, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", scenes, str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_sigterm_ends_training_with_143_a_report_and_no_ray_left(scenes, tmp_path):
+    out = tmp_path / "run"
+    command = train_command(scenes, str(out), "--max-steps", "500", "--checkpoint-every", "1")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "latest.json").exists():
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint"
+            time.sleep(0.2)
+        ray_processes = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 143, stdout + stderr
+    deadline = time.time() + 15
+    while [pid for pid in ray_processes if Path(f"/proc/{pid}").exists()]:
+        assert time.time() < deadline, "Ray's processes outlived the run"
+        time.sleep(0.2)
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("m2f train: cancelled by SIGTERM; last checkpoint: step "), stderr
+    (report_path,) = (out / "_runs").glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert (report["status"], report["exit_code"]) == ("cancelled", 143)
+    assert report["step"] == json.loads((out / "latest.json").read_text())["step"] < 500
+
+
 def test_killed_run_resumes_from_its_latest_checkpoint(scenes, tmp_path):
     out = tmp_path / "run"
     cmd = [
         sys.executable,
-        "-c",
-        "from cli import app; app()",
+        "-m",
+        "m2f.cli",
         "train",
         scenes,
         str(out),
