@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 from typing import Annotated
 
@@ -28,21 +29,30 @@ Precision = choices("Precision", PRECISIONS)
 DataFormat = choices("DataFormat", ("coco-panoptic", "coco-instances", "semantic"))
 S, T = SegmentConfig, TrainConfig  # each option's default is its config field's, written once there
 
+# Option groups in --help, so that no table wraps into unreadable columns at 80 characters.
+ModelOpt = functools.partial(typer.Option, rich_help_panel="Model")
+ComputeOpt = functools.partial(typer.Option, rich_help_panel="Compute")
+RunOpt = functools.partial(typer.Option, rich_help_panel="Run")
+LifecycleOpt = functools.partial(typer.Option, rich_help_panel="Commits, stops and stalls")
+OutputOpt = functools.partial(typer.Option, rich_help_panel="Output")
+DataOpt = functools.partial(typer.Option, rich_help_panel="Data")
+StorageOpts = functools.partial(typer.Option, rich_help_panel="Storage")
+
 
 EndpointOpt = Annotated[
-    str | None, typer.Option(help="S3-compatible endpoint URL (MinIO, Ceph, moto, ...).", envvar="M2F_ENDPOINT_URL")
+    str | None, StorageOpts(help="S3-compatible endpoint URL (MinIO, Ceph, moto, ...).", envvar="M2F_ENDPOINT_URL")
 ]
 StorageOpt = Annotated[
-    str | None, typer.Option(help="fsspec storage options as JSON, e.g. '{\"anon\": true}' (never logged).")
+    str | None, StorageOpts(help="fsspec storage options as JSON, e.g. '{\"anon\": true}' (never logged).")
 ]
 RayAddressOpt = Annotated[
-    str | None, typer.Option(help="Join this Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray.")
+    str | None, ComputeOpt(help="Join this Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray.")
 ]
 
 
 ConfigOpt = Annotated[
     str | None,
-    typer.Option(
+    RunOpt(
         "--config",
         help="TOML file of options (keys as the option names, e.g. batch_size or batch-size); the command line wins.",
     ),
@@ -53,69 +63,75 @@ ConfigOpt = Annotated[
 def segment(
     ctx: typer.Context,
     input: Annotated[
-        str | None, typer.Argument(help="URI prefix, local folder, glob, or manifest (.txt/.csv/.parquet).")
+        str | None,
+        typer.Argument(
+            metavar="INPUT",
+            show_default=False,
+            help="URI prefix, local folder, glob, or manifest (.txt/.csv/.parquet).",
+        ),
     ] = None,
     output: Annotated[
-        str | None, typer.Argument(help="Output URI prefix: Parquet dataset, run reports, previews.")
+        str | None,
+        typer.Argument(
+            metavar="OUTPUT", show_default=False, help="Output URI prefix: Parquet dataset, run reports, previews."
+        ),
     ] = None,
     config_file: ConfigOpt = None,
-    model: Annotated[str, typer.Option(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")] = S.model,
-    preset: Annotated[str | None, typer.Option(help="Dataset preset for a detectron2 checkpoint.")] = None,
-    task: Annotated[Task | None, typer.Option(help="Post-processing; default: the checkpoint's task.")] = None,
+    model: Annotated[str, ModelOpt(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")] = S.model,
+    preset: Annotated[str | None, ModelOpt(help="Dataset preset for a detectron2 checkpoint.")] = None,
+    task: Annotated[Task | None, ModelOpt(help="Post-processing; default: the checkpoint's task.")] = None,
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
-    actors: Annotated[int, typer.Option(min=1, help="Model actors (one model copy each).")] = S.actors,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = S.batch_size,
-    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device(S.device),
+    actors: Annotated[int, ComputeOpt(min=1, help="Model actors (one model copy each).")] = S.actors,
+    batch_size: Annotated[int, ComputeOpt(min=1, help="Images per forward pass.")] = S.batch_size,
+    device: Annotated[Device, ComputeOpt(help="Where the model runs.")] = Device(S.device),
     gpus_per_actor: Annotated[
-        float, typer.Option(min=0.0, help="GPUs per actor (fractions share a GPU).")
+        float, ComputeOpt(min=0.0, help="GPUs per actor (fractions share a GPU).")
     ] = S.gpus_per_actor,
     cpus_per_actor: Annotated[
-        float, typer.Option(min=0.0, help="CPUs per model actor (and torch threads).")
+        float, ComputeOpt(min=0.0, help="CPUs per model actor (and torch threads).")
     ] = S.cpus_per_actor,
-    precision: Annotated[Precision, typer.Option(help="Autocast precision of the forward pass.")] = Precision(
-        S.precision
-    ),
+    precision: Annotated[Precision, ModelOpt(help="Autocast precision of the forward pass.")] = Precision(S.precision),
     score_threshold: Annotated[
-        float | None, typer.Option(help="Drop segments scoring below this; default 0.5 for instance, else 0.")
+        float | None, ModelOpt(help="Drop segments scoring below this; default 0.5 for instance, else 0.")
     ] = None,
-    max_pixels: Annotated[int, typer.Option(help="Reject larger images (decompression bombs).")] = S.max_pixels,
+    max_pixels: Annotated[int, RunOpt(help="Reject larger images (decompression bombs).")] = S.max_pixels,
     max_error_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Exit non-zero above this error rate.")
+        float, RunOpt(min=0.0, max=1.0, help="Exit non-zero above this error rate.")
     ] = S.max_error_rate,
-    overwrite: Annotated[bool, typer.Option(help="Redo images that already have an ok row.")] = S.overwrite,
-    preview: Annotated[
-        int, typer.Option(min=0, help="Write this many overlay PNGs under OUTPUT/_previews/.")
-    ] = S.preview,
+    overwrite: Annotated[bool, RunOpt("--overwrite", help="Redo images that already have an ok row.")] = S.overwrite,
+    preview: Annotated[int, RunOpt(min=0, help="Write this many overlay PNGs under OUTPUT/_previews/.")] = S.preview,
     progress: Annotated[
         bool | None,
-        typer.Option(
+        OutputOpt(
             "--progress/--no-progress",
             help="A live progress bar; default: on a terminal (elsewhere a progress line every 30 s).",
         ),
     ] = None,
     flush_seconds: Annotated[
-        float, typer.Option(min=0.001, help="Commit a part file once its oldest row has waited this long.")
+        float, LifecycleOpt(min=0.001, help="Commit a part file once its oldest row has waited this long.")
     ] = S.flush_seconds,
     grace_seconds: Annotated[
-        float, typer.Option(min=0.0, help="On SIGTERM/SIGINT: time to commit finished rows before exiting.")
+        float, LifecycleOpt(min=0.0, help="On SIGTERM/SIGINT: time to commit finished rows before exiting.")
     ] = S.grace_seconds,
     stall_timeout: Annotated[
-        float, typer.Option(min=0.001, help="End the run (exit 3) when no image finishes for this many seconds.")
+        float, LifecycleOpt(min=0.001, help="End the run (exit 3) when no image finishes for this many seconds.")
     ] = S.stall_timeout,
     allow_empty: Annotated[
-        bool, typer.Option(help="An INPUT that lists no image is not an error (exit 0).")
+        bool, RunOpt("--allow-empty", help="An INPUT that lists no image is not an error (exit 0).")
     ] = S.allow_empty,
     json_report: Annotated[
-        bool, typer.Option("--json", help="Print the run report as JSON, the last line of stdout; the rest to stderr.")
+        bool, OutputOpt("--json", help="Print the run report as JSON, the last line of stdout; the rest to stderr.")
     ] = False,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Segment every image under INPUT and write one Parquet row per image under OUTPUT.
 
-    Rows are committed while the run goes (every 512 rows or --flush-seconds). Exit codes: 0 done, 1 error
-    rate above --max-error-rate, 2 bad arguments, 3 storage/cluster/model failure or a stall, 130/143
-    cancelled by SIGINT/SIGTERM. After any of them but 2, re-running the same command resumes.
+    Rows are committed while the run goes (every 512 rows or --flush-seconds).
+
+    Exit codes: 0 done; 1 error rate above --max-error-rate; 2 bad arguments;
+    3 storage, cluster or model failure, or a stall; 130/143 cancelled by SIGINT/SIGTERM.
+    After any of them but 2, re-running the same command resumes.
     """
     from m2f.jobs.segment import run
 
@@ -135,41 +151,35 @@ def train(
         str | None, typer.Argument(help="Where checkpoints and metrics.jsonl go (local or object storage).")
     ] = None,
     config_file: ConfigOpt = None,
-    format: Annotated[DataFormat, typer.Option(help="Annotation format under DATA.")] = DataFormat(T.format),
+    format: Annotated[DataFormat, DataOpt(help="Annotation format under DATA.")] = DataFormat(T.format),
     annotations: Annotated[
-        str | None, typer.Option(help="Annotation JSON (default: DATA/panoptic.json or instances.json).")
+        str | None, DataOpt(help="Annotation JSON (default: DATA/panoptic.json or instances.json).")
     ] = None,
-    images: Annotated[str | None, typer.Option(help="Image folder (default: DATA/images).")] = None,
+    images: Annotated[str | None, DataOpt(help="Image folder (default: DATA/images).")] = None,
     masks: Annotated[
-        str | None, typer.Option(help="Panoptic PNG or semantic mask folder (default: DATA/panoptic|semantic).")
+        str | None, DataOpt(help="Panoptic PNG or semantic mask folder (default: DATA/panoptic|semantic).")
     ] = None,
-    init: Annotated[str | None, typer.Option(help="Start from this checkpoint (any format model.load reads).")] = None,
-    arch: Annotated[str, typer.Option(help="Architecture when training from scratch: tiny, r50, swin_t, ...")] = T.arch,
-    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP).")] = 1,
-    use_gpu: Annotated[bool, typer.Option(help="One GPU per worker; AMP on.")] = False,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
-    epochs: Annotated[
-        float | None, typer.Option(help="Or: passes over the data (default 1 when no --max-steps).")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per worker per step.")] = T.batch_size,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = T.lr,
-    weight_decay: Annotated[
-        float, typer.Option(help="AdamW weight decay (not on norms and embeddings).")
-    ] = T.weight_decay,
-    backbone_lr_mult: Annotated[float, typer.Option(help="Backbone learning-rate multiplier.")] = T.backbone_lr_mult,
-    clip_grad: Annotated[float, typer.Option(help="Clip the full-model gradient norm to this (0: off).")] = T.clip_grad,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the poly decay.")] = T.warmup_steps,
-    image_size: Annotated[int, typer.Option(help="Training crop size (large-scale jitter output).")] = T.image_size,
-    min_scale: Annotated[float, typer.Option(help="Large-scale jitter: smallest scale.")] = T.min_scale,
-    max_scale: Annotated[float, typer.Option(help="Large-scale jitter: largest scale.")] = T.max_scale,
-    num_points: Annotated[int, typer.Option(help="Points per mask for matching and mask losses.")] = T.num_points,
-    checkpoint_every: Annotated[
-        int, typer.Option(min=1, help="Write a checkpoint every N steps.")
-    ] = T.checkpoint_every,
+    init: Annotated[str | None, ModelOpt(help="Start from this checkpoint (any format model.load reads).")] = None,
+    arch: Annotated[str, ModelOpt(help="Architecture when training from scratch: tiny, r50, swin_t, ...")] = T.arch,
+    workers: Annotated[int, ComputeOpt(min=1, help="Ray Train workers (DDP).")] = 1,
+    use_gpu: Annotated[bool, ComputeOpt(help="One GPU per worker; AMP on.")] = False,
+    max_steps: Annotated[int | None, RunOpt(help="Stop after this many optimizer steps.")] = None,
+    epochs: Annotated[float | None, RunOpt(help="Or: passes over the data (default 1 when no --max-steps).")] = None,
+    batch_size: Annotated[int, ComputeOpt(min=1, help="Images per worker per step.")] = T.batch_size,
+    lr: Annotated[float, RunOpt(help="AdamW learning rate.")] = T.lr,
+    weight_decay: Annotated[float, RunOpt(help="AdamW weight decay (not on norms and embeddings).")] = T.weight_decay,
+    backbone_lr_mult: Annotated[float, RunOpt(help="Backbone learning-rate multiplier.")] = T.backbone_lr_mult,
+    clip_grad: Annotated[float, RunOpt(help="Clip the full-model gradient norm to this (0: off).")] = T.clip_grad,
+    warmup_steps: Annotated[int, RunOpt(help="Linear warm-up steps before the poly decay.")] = T.warmup_steps,
+    image_size: Annotated[int, DataOpt(help="Training crop size (large-scale jitter output).")] = T.image_size,
+    min_scale: Annotated[float, DataOpt(help="Large-scale jitter: smallest scale.")] = T.min_scale,
+    max_scale: Annotated[float, DataOpt(help="Large-scale jitter: largest scale.")] = T.max_scale,
+    num_points: Annotated[int, RunOpt(help="Points per mask for matching and mask losses.")] = T.num_points,
+    checkpoint_every: Annotated[int, RunOpt(min=1, help="Write a checkpoint every N steps.")] = T.checkpoint_every,
     threads_per_worker: Annotated[
-        int, typer.Option(min=1, help="Torch threads (and CPUs) per worker.")
+        int, ComputeOpt(min=1, help="Torch threads (and CPUs) per worker.")
     ] = T.threads_per_worker,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = T.seed,
+    seed: Annotated[int, RunOpt(help="Random seed.")] = T.seed,
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
     ray_address: RayAddressOpt = None,
@@ -221,22 +231,11 @@ def evaluate(
     Warns (stderr, and "warnings" in the JSON) when the run's task or --score-threshold biases the metric;
     semantic predictions against coco-instances are refused (exit 2): their AP is not instance AP.
     """
+    values = dict(locals())  # the parameters, before anything else is bound here
     from m2f.jobs.evaluate import EvaluateConfig, run
 
-    raise typer.Exit(
-        run(
-            EvaluateConfig(
-                predictions=predictions,
-                ground_truth=ground_truth,
-                gt_format=gt_format.value,
-                masks=masks,
-                categories=categories,
-                json_out=json_out,
-                endpoint_url=endpoint_url,
-                storage_options_json=storage_options,
-            )
-        )
-    )
+    values["gt_format"], values["storage_options_json"] = gt_format.value, values.pop("storage_options")
+    raise typer.Exit(run(EvaluateConfig(**values)))
 
 
 @app.command("export-coco")
