@@ -9,6 +9,7 @@ import typer
 
 from m2f.jobs.config_file import merged_options, required
 from m2f.jobs.configs import DEVICES, PRECISIONS, SegmentConfig, TrainConfig
+from m2f.pipeline.storage import Storage
 
 app = typer.Typer(
     add_completion=False,
@@ -38,6 +39,15 @@ StorageOpt = Annotated[
 RayAddressOpt = Annotated[
     str | None, typer.Option(help="Join this Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray.")
 ]
+
+
+def storage_of(endpoint_url: str | None, storage_options: str | None) -> Storage:
+    """The Storage for --endpoint-url and --storage-options; malformed options: one error line, exit 2."""
+    try:
+        return Storage.from_cli(endpoint_url, storage_options)
+    except ValueError as e:  # its message never echoes the JSON, which may hold a secret
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 ConfigOpt = Annotated[
@@ -266,7 +276,8 @@ def export_coco(
     """
     from m2f.jobs.export_coco import export_coco as export
 
-    raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options, result_format))
+    storage = storage_of(endpoint_url, storage_options)
+    raise typer.Exit(export(predictions, results, ground_truth, storage=storage, result_format=result_format))
 
 
 @app.command()
