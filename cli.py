@@ -289,10 +289,9 @@ def synth(
     storage_options: StorageOpt = None,
 ) -> None:
     """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
-    from m2f.pipeline.storage import storage_options as make_options
     from m2f.pipeline.training.synthetic import generate
 
-    summary = generate(output, n, seed, storage_options=make_options(output, endpoint_url, storage_options))
+    summary = generate(output, n, seed, storage=storage_of(endpoint_url, storage_options))
     typer.echo(
         f"wrote {summary['num_images']} images ({summary['num_segments']} segments, {summary['num_things']} things) "
         f"to {output}: images/, panoptic.json + panoptic/, instances.json, semantic/"
