@@ -10,6 +10,7 @@ import typer
 
 from m2f.jobs.config_file import merged_options, required
 from m2f.jobs.configs import DEVICES, PRECISIONS, SegmentConfig, TrainConfig
+from m2f.pipeline.storage import Storage
 
 app = typer.Typer(
     add_completion=False,
@@ -48,6 +49,15 @@ StorageOpt = Annotated[
 RayAddressOpt = Annotated[
     str | None, ComputeOpt(help="Join this Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray.")
 ]
+
+
+def storage_of(endpoint_url: str | None, storage_options: str | None) -> Storage:
+    """The Storage for --endpoint-url and --storage-options; malformed options: one error line, exit 2."""
+    try:
+        return Storage.from_cli(endpoint_url, storage_options)
+    except ValueError as e:  # its message never echoes the JSON, which may hold a secret
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 ConfigOpt = Annotated[
@@ -265,7 +275,8 @@ def export_coco(
     """
     from m2f.jobs.export_coco import export_coco as export
 
-    raise typer.Exit(export(predictions, results, ground_truth, endpoint_url, storage_options, result_format))
+    storage = storage_of(endpoint_url, storage_options)
+    raise typer.Exit(export(predictions, results, ground_truth, storage=storage, result_format=result_format))
 
 
 @app.command()
@@ -277,10 +288,9 @@ def synth(
     storage_options: StorageOpt = None,
 ) -> None:
     """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
-    from m2f.pipeline.storage import storage_options as make_options
     from m2f.pipeline.training.synthetic import generate
 
-    summary = generate(output, n, seed, storage_options=make_options(output, endpoint_url, storage_options))
+    summary = generate(output, n, seed, storage=storage_of(endpoint_url, storage_options))
     typer.echo(
         f"wrote {summary['num_images']} images ({summary['num_segments']} segments, {summary['num_things']} things) "
         f"to {output}: images/, panoptic.json + panoptic/, instances.json, semantic/"

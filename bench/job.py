@@ -14,6 +14,7 @@ import fsspec
 import numpy as np
 
 from bench.common import steady_rate
+from m2f.pipeline.storage import Storage
 
 
 def run_pipeline(
@@ -26,8 +27,7 @@ def run_pipeline(
     threads: int = 1,
     device: str = "cpu",
     precision: str = "fp32",
-    endpoint_url: str | None = None,
-    storage_options_json: str | None = None,
+    storage: Storage | None = None,
     ray_cpus: int | None = None,
 ) -> dict[str, Any]:
     """`jobs.segment.run` from `input` to a fresh `output`, timed; returns rates, phases and Ray Data's stats.
@@ -35,7 +35,7 @@ def run_pipeline(
     Ray: reused when this process already runs one (tests), started here with `ray_cpus` logical CPUs when
     given (timed as the run's ray_start/ray_stop), else started by the job itself as `m2f segment` does.
     Raises ValueError when the actors would leave no CPU for the prepare tasks (the job would stall), and
-    RuntimeError when the job does not exit 0.
+    RuntimeError when the job does not exit 0. `storage` reaches `input`, `output` and the model (None: local).
     """
     import ray
 
@@ -57,8 +57,9 @@ def run_pipeline(
         device=device,
         cpus_per_actor=float(threads),
         precision=precision,
-        endpoint_url=endpoint_url,
-        storage_options_json=storage_options_json,
+        # The config holds what `m2f segment` is given: the endpoint and the options as JSON.
+        endpoint_url=storage.endpoint_url if storage else None,
+        storage_options_json=json.dumps(storage.user_options) if storage and storage.user_options else None,
         progress=False,  # as a scheduled job runs; bars would cost the driver CPU only on a terminal
     )
     own_ray = ray_cpus is not None and not ray.is_initialized()
@@ -79,9 +80,8 @@ def run_pipeline(
         raise RuntimeError(f"m2f segment {input} {output} exited with {code}")
 
     from m2f.pipeline.output import RUNS_DIR, list_part_files, read_part
-    from m2f.pipeline.storage import storage_options
 
-    fs, root = fsspec.core.url_to_fs(output, **storage_options(output, endpoint_url, storage_options_json))
+    fs, root = fsspec.core.url_to_fs(output, **config.storage.options(output))
     fs.invalidate_cache()
     (report_path,) = fs.glob(posixpath.join(root, RUNS_DIR, "*.json"))
     report = json.loads(fs.cat_file(report_path))

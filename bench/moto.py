@@ -8,7 +8,6 @@ never import the test suite; the tests may import bench.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import posixpath
 import socket
@@ -20,7 +19,8 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+from m2f.pipeline.storage import Storage
 
 START_TIMEOUT_S = 60.0
 MOTO_KEY, MOTO_SECRET = "m2f-bench-key", "m2f-bench-secret"  # moto accepts any; never real credentials
@@ -84,9 +84,11 @@ def moto_s3(log_dir: Path) -> Iterator[str]:
                 os.environ[name] = value
 
 
-def moto_options_json() -> str:
-    """`--storage-options` for the moto server: fixed fake credentials, so nothing depends on the environment."""
-    return json.dumps({"key": MOTO_KEY, "secret": MOTO_SECRET, "client_kwargs": {"region_name": "us-east-1"}})
+def moto_storage(endpoint_url: str) -> Storage:
+    """The moto server at `endpoint_url` with fixed fake credentials, so nothing depends on the environment."""
+    return Storage(
+        endpoint_url, {"key": MOTO_KEY, "secret": MOTO_SECRET, "client_kwargs": {"region_name": "us-east-1"}}
+    )
 
 
 def new_bucket(endpoint_url: str) -> str:
@@ -105,11 +107,11 @@ def new_bucket(endpoint_url: str) -> str:
     return name
 
 
-def upload_folder(folder: Path, target: str, storage_options: dict[str, Any]) -> None:
+def upload_folder(folder: Path, target: str, storage: Storage) -> None:
     """Every file directly in `folder` to the prefix `target`."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(target, **storage_options)
+    fs, root = fsspec.core.url_to_fs(target, **storage.options(target))
     for path in sorted(folder.iterdir()):
         if path.is_file():
             fs.put_file(str(path), posixpath.join(root, path.name))

@@ -44,8 +44,9 @@ import torch
 
 from bench.common import names, run_and_publish, steady_rate, table
 from bench.job import run_pipeline
-from bench.moto import moto_options_json, moto_s3, new_bucket, upload_folder
+from bench.moto import moto_s3, moto_storage, new_bucket, upload_folder
 from bench.workload import listed_uris, resolve_model, write_images
+from m2f.pipeline.storage import Storage
 
 SOURCES = ("local", "s3")
 TARGET_RATIO = 0.9  # issue 5: the pipeline at >= 90 % of the bare loop's images/second
@@ -64,7 +65,7 @@ def bare_loop(
     threads: int,
     device: str = "cpu",
     precision: str = "fp32",
-    storage_options: dict[str, Any] | None = None,
+    storage: Storage | None = None,
 ) -> dict[str, Any]:
     """The job's computation on `uris` in one plain loop: what a user writes without Ray.
 
@@ -76,7 +77,6 @@ def bare_loop(
     from m2f.jobs.dataflow import ACTOR_BATCHES
     from m2f.pipeline.decode import decode_image
     from m2f.pipeline.predictor import Predictor
-    from m2f.pipeline.storage import open_fs
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -92,7 +92,7 @@ def bare_loop(
             clock = time.perf_counter()
             originals, images = [], []
             for uri in uris[lo : lo + window]:
-                fs, path = open_fs(uri, storage_options or {})
+                fs, path = (storage or Storage()).open(uri)
                 image = decode_image(fs.cat_file(path))  # (H, W, 3) uint8
                 originals.append(image.shape[:2])
                 images.append(predictor.resize(image))  # (h, w, 3)
@@ -157,11 +157,9 @@ def bench(
     with contextlib.ExitStack() as stack:
         if "s3" in sources:
             endpoint = stack.enter_context(moto_s3(workdir))
-            options_json = moto_options_json()
+            storage = moto_storage(endpoint)
             bucket = new_bucket(endpoint)
-            from m2f.pipeline.storage import storage_options
-
-            upload_folder(images, f"s3://{bucket}/images", storage_options("s3://", endpoint, options_json))
+            upload_folder(images, f"s3://{bucket}/images", storage)
         for r in range(repeats):
             bare = bare_loop(uris, model_uri, batch_size=batch_size, threads=threads)
             runs.append({"mode": "bare loop", "repeat": r, **bare})
@@ -172,8 +170,7 @@ def bench(
                     paths = {
                         "input": f"s3://{bucket}/images/",
                         "output": f"s3://{bucket}/out-{r}/",
-                        "endpoint_url": endpoint,
-                        "storage_options_json": options_json,
+                        "storage": storage,
                     }
                 result = run_pipeline(model_uri=model_uri, **paths, **shared)
                 runs.append({"mode": f"pipeline {source}", "repeat": r, **result})

@@ -26,7 +26,6 @@ from m2f.jobs.resume import WorkPlan, read_work_files
 from m2f.model.config import PreprocessConfig
 from m2f.pipeline.infer import Segmenter, prepare_images
 from m2f.pipeline.schema import STATUS_OK
-from m2f.pipeline.storage import storage_options
 
 if TYPE_CHECKING:
     from m2f.jobs.configs import SegmentConfig
@@ -113,12 +112,12 @@ def build_dataset(
     import ray.data
 
     _quiet_ray_data()
-    io_options = {"endpoint_url": config.endpoint_url, "storage_options_json": config.storage_options_json}
+    storage = config.storage
     # The work files are read by a plain task, not read_parquet: in Ray 2.60 that datasource starts 32
     # footer-reading actors for a handful of tiny files, which cost tens of seconds of every run's start.
     ds = ray.data.from_items([{"path": p} for p in plan.files])
     ds = ds.map_batches(
-        read_work_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"output": config.output, **io_options}
+        read_work_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"output": config.output, "storage": storage}
     )
     # Small blocks spread decoding over every CPU (a work file is one block of up to WORK_CHUNK URIs).
     ds = ds.repartition(target_num_rows_per_block=PREPARE_ROWS)
@@ -126,7 +125,7 @@ def build_dataset(
         prepare_images,
         batch_size=PREPARE_ROWS,
         batch_format="numpy",
-        fn_kwargs={"preprocess": preprocess, "max_pixels": config.max_pixels, **io_options},
+        fn_kwargs={"preprocess": preprocess, "max_pixels": config.max_pixels, "storage": storage},
         memory=PREPARE_MEMORY,
     )
     gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
@@ -145,7 +144,7 @@ def build_dataset(
             "batch_size": config.batch_size,
             "score_threshold": config.score_threshold,
             "preset": config.preset,
-            "storage_options": storage_options(config.model, config.endpoint_url, config.storage_options_json),
+            "storage": storage,
             "num_threads": max(1, int(config.cpus_per_actor)),
         },
         **gpu,

@@ -61,7 +61,7 @@ from m2f.jobs.predictions import open_predictions
 from m2f.jobs.scoring import SCORERS
 from m2f.jobs.task_fit import task_findings
 from m2f.pipeline.metrics.table import format_table
-from m2f.pipeline.storage import storage_options
+from m2f.pipeline.storage import Storage
 
 GT_FORMATS = ("coco-instances", "coco-panoptic", "semantic")
 STDOUT = "-"  # json_out that means: the metrics JSON as the last line of stdout
@@ -80,6 +80,11 @@ class EvaluateConfig:
     storage_options_json: str | None = None  # fsspec options, as JSON
     categories: str | None = None  # semantic only: class-list JSON; default: found beside GROUND_TRUTH
 
+    @property
+    def storage(self) -> Storage:
+        """How to reach every URI above; ValueError (not echoing the JSON) for malformed options."""
+        return Storage.from_cli(self.endpoint_url, self.storage_options_json)
+
 
 def run(config: EvaluateConfig) -> int:
     """Evaluate, print a table (and write JSON with `json_out`); 0 on success, 2 on bad input.
@@ -93,7 +98,7 @@ def run(config: EvaluateConfig) -> int:
         with contextlib.redirect_stdout(human):
             report = evaluate(config)
         if config.json_out and not to_stdout:
-            write_json(config.json_out, report, config.endpoint_url, config.storage_options_json)
+            write_json(config.json_out, report, config.storage)
     except USER_ERRORS as e:
         report_error(e)
         return EXIT_BAD_INPUT
@@ -122,13 +127,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         raise BadInput(f"--masks applies to coco-panoptic only, not to {config.gt_format}")
     if config.categories and config.gt_format != "semantic":
         raise BadInput(f"a categories JSON applies to semantic masks only, not to {config.gt_format}")
-    predictions = open_predictions(config.predictions, config.endpoint_url, config.storage_options_json)
+    storage = config.storage
+    predictions = open_predictions(config.predictions, storage)
     runs = predictions.runs()
     warnings, refusal = task_findings(config.gt_format, runs)
     if refusal:
         raise BadInput(f"{refusal}; not scored against {config.gt_format} ground truth")
-    gt_options = storage_options(config.ground_truth, config.endpoint_url, config.storage_options_json)
-    metrics = SCORERS[config.gt_format](config, predictions, gt_options)
+    metrics = SCORERS[config.gt_format](config, predictions, storage)
     counts = predictions.counts
     return {
         "gt_format": config.gt_format,

@@ -22,7 +22,7 @@ from m2f.jobs.task_fit import task_findings
 from m2f.pipeline.groundtruth import basename, panoptic_rgb, stem
 from m2f.pipeline.metrics.coco_ap import image_ids_by_file_name, to_coco_results
 from m2f.pipeline.metrics.id_map import segments_to_id_map
-from m2f.pipeline.storage import open_fs, storage_options, write_atomic
+from m2f.pipeline.storage import Storage, write_atomic
 
 EXPORT_FORMATS = ("instances", "panoptic")
 STABLE_ID_HEX = 13  # hex digits of image_id kept for a COCO image id: 52 bits, exact in any JSON reader
@@ -41,8 +41,8 @@ def export_coco(
     predictions: str,
     results: str,
     ground_truth: str | None = None,
-    endpoint_url: str | None = None,
-    storage_options_json: str | None = None,
+    *,
+    storage: Storage | None = None,
     result_format: str = "instances",
 ) -> int:
     """Write every image's chosen ok row in a COCO predictions format; 0 on success, 2 on bad input.
@@ -62,7 +62,9 @@ def export_coco(
     images it does not list are skipped and counted. In panoptic format, GT images without an ok
     prediction get an empty annotation (an all-zero PNG), since `pq_compute` needs one per GT image.
     Without it, image_id = `stable_image_id` (52 bits, so any JSON reader keeps it exactly).
+    `storage` reaches every URI (None: local files only).
     """
+    storage = storage or Storage()
     try:
         if result_format not in EXPORT_FORMATS:
             raise BadInput(f"--format must be one of {list(EXPORT_FORMATS)}, got {result_format!r}")
@@ -70,10 +72,10 @@ def export_coco(
             raise BadInput(
                 f"--format panoptic writes its PNGs beside the JSON: RESULTS must end in .json, got {results}"
             )
-        batch = open_predictions(predictions, endpoint_url, storage_options_json)
+        batch = open_predictions(predictions, storage)
         gt = None
         if ground_truth:
-            gt = read_json(ground_truth, storage_options(ground_truth, endpoint_url, storage_options_json), "--gt")
+            gt = read_json(ground_truth, storage, "--gt")
             require(gt, ("images",), ground_truth, "COCO")
         warnings, refusal = task_findings(f"coco-{result_format}", batch.runs())
         for warning in warnings + ([refusal] if refusal else []):
@@ -81,15 +83,14 @@ def export_coco(
         rows = _export_rows(batch, gt, ground_truth)
         if result_format == "instances":
             out, stuff = _instance_results(rows)
-            write_json(results, out, endpoint_url, storage_options_json)
+            write_json(results, out, storage)
             lines = [f"wrote {len(out)} results from {_exported(batch, gt)} images to {results}"]
             if stuff:
                 lines.append(f"{stuff} stuff segments (is_thing false) left out: instance results hold things only")
         else:
             folder = results[: -len(".json")]
-            options = storage_options(folder, endpoint_url, storage_options_json)
-            document, empty = _write_panoptic(rows, batch.counts, gt, ground_truth, folder, options)
-            write_json(results, document, endpoint_url, storage_options_json)
+            document, empty = _write_panoptic(rows, batch.counts, gt, ground_truth, folder, storage)
+            write_json(results, document, storage)
             segments = sum(len(a["segments_info"]) for a in document["annotations"])
             lines = [
                 f"wrote {len(document['annotations'])} panoptic annotations ({segments} segments) to {results}, "
@@ -182,7 +183,7 @@ def _write_panoptic(
     gt: Mapping[str, Any] | None,
     ground_truth: str | None,
     folder: str,
-    options: dict[str, Any],
+    storage: Storage,
 ) -> tuple[dict[str, Any], int]:
     """Write one panoptic PNG per row under `folder`; returns the panoptic JSON and the empty GT images.
 
@@ -190,7 +191,7 @@ def _write_panoptic(
     `pq_compute` would refuse it) and every GT image without a row gets an empty annotation.
     Without one the categories are those the segments name, with their labels and is_thing.
     """
-    fs, root = open_fs(folder, options)
+    fs, root = storage.open(folder)
     gt_categories = gt.get("categories") if gt is not None else None
     known = {int(c["id"]) for c in gt_categories} if isinstance(gt_categories, list) else None
     categories: dict[int, dict[str, Any]] = {}

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from m2f.jobs.bad_input import BadInput
-from m2f.pipeline.storage import open_fs, storage_options, write_atomic
+from m2f.pipeline.storage import Storage, write_atomic
 
 
-def read_json(uri: str, options: dict[str, Any], what: str) -> Any:
+def read_json(uri: str, storage: Storage, what: str) -> Any:
     """The parsed JSON at `uri`; `what` names the file in the error ("ground truth", "categories")."""
-    fs, path = open_fs(uri, options)
+    fs, path = storage.open(uri)
     if not fs.isfile(path):
         raise BadInput(f"{what} not found: {uri}")
     with fs.open(path, "rb") as f:
@@ -34,8 +34,8 @@ def require(data: Any, keys: Sequence[str], uri: str, what: str) -> None:
         raise BadInput(f"{uri} is not a {what} JSON: it needs the lists {list(keys)}")
 
 
-def write_json(uri: str, data: Any, endpoint_url: str | None, storage_options_json: str | None) -> None:
-    fs, path = open_fs(uri, storage_options(uri, endpoint_url, storage_options_json))
+def write_json(uri: str, data: Any, storage: Storage) -> None:
+    fs, path = storage.open(uri)
     write_atomic(fs, path, json.dumps(data, default=json_scalar) + "\n")
 
 

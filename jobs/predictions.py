@@ -21,7 +21,7 @@ from m2f.jobs.bad_input import BadInput
 from m2f.pipeline.groundtruth import basename
 from m2f.pipeline.output import list_part_files, run_file
 from m2f.pipeline.schema import STATUS_OK
-from m2f.pipeline.storage import open_fs, storage_options
+from m2f.pipeline.storage import Storage, open_fs
 
 BATCH_ROWS = 64  # rows decoded at a time in the second pass: a row can hold hundreds of RLEs
 EXAMPLES = 5  # how many names or runs a warning shows
@@ -159,8 +159,8 @@ class BatchOutput:
                         yield from batch.take(take).to_pylist()
 
 
-def open_predictions(uri: str, endpoint_url: str | None, storage_options_json: str | None) -> BatchOutput:
-    return BatchOutput(uri, storage_options(uri, endpoint_url, storage_options_json))
+def open_predictions(uri: str, storage: Storage) -> BatchOutput:
+    return BatchOutput(uri, storage.options(uri))
 
 
 def _list_part_files(fs: AbstractFileSystem, root: str, uri: str) -> list[str]:

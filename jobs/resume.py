@@ -28,7 +28,7 @@ from fsspec import AbstractFileSystem
 from m2f.pipeline.output import PREVIEWS_DIR, QUARANTINE_DIR, RUNS_DIR, is_part_file, parquet_bytes, read_part
 from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK
 from m2f.pipeline.sources import Listing
-from m2f.pipeline.storage import is_temporary, open_fs, remove_temporaries, storage_options, with_retries, write_atomic
+from m2f.pipeline.storage import Storage, is_temporary, remove_temporaries, with_retries, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -259,11 +259,9 @@ def plan_work(listing: Listing, done_keys: np.ndarray, *, fs: AbstractFileSystem
     return plan
 
 
-def read_work_files(
-    batch: pa.Table, *, output: str, endpoint_url: str | None = None, storage_options_json: str | None = None
-) -> pa.Table:
+def read_work_files(batch: pa.Table, *, output: str, storage: Storage) -> pa.Table:
     """The URIs of the work-manifest files named in `batch` (paths on OUTPUT's filesystem)."""
-    fs, _ = open_fs(output, storage_options(output, endpoint_url, storage_options_json))
+    fs, _ = storage.open(output)
     paths = batch["path"].to_pylist()
     tables = [with_retries(lambda path=path: read_part(fs, path, ["image_uri"])) for path in paths]
     return pa.concat_tables(tables) if tables else pa.table({"image_uri": pa.array([], pa.string())})

@@ -33,7 +33,7 @@ from m2f.pipeline.metrics.coco_ap import coco_mask_ap, image_ids_by_file_name, t
 from m2f.pipeline.metrics.confusion import ConfusionMatrix
 from m2f.pipeline.metrics.id_map import segments_to_id_map
 from m2f.pipeline.metrics.panoptic_quality import PQAccumulator
-from m2f.pipeline.storage import open_fs, storage_options
+from m2f.pipeline.storage import Storage
 
 if TYPE_CHECKING:
     from m2f.jobs.evaluate import EvaluateConfig
@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 SEMANTIC_CATEGORY_FILES = ("categories.json", "../categories.json", "../panoptic.json")
 
 
-def instances_ap(config: EvaluateConfig, predictions: BatchOutput, options: dict[str, Any]) -> dict[str, Any]:
+def instances_ap(config: EvaluateConfig, predictions: BatchOutput, storage: Storage) -> dict[str, Any]:
     """COCO mask AP of every matched row against a COCO instances JSON."""
-    gt = read_json(config.ground_truth, options, "ground truth")
+    gt = read_json(config.ground_truth, storage, "ground truth")
     require(gt, ("images", "annotations", "categories"), config.ground_truth, "COCO instances")
     if any("segmentation" not in a for a in gt["annotations"]):
         raise BadInput(f"{config.ground_truth}: annotations have no 'segmentation'; not a COCO instances JSON")
@@ -63,14 +63,14 @@ def instances_ap(config: EvaluateConfig, predictions: BatchOutput, options: dict
     return summary
 
 
-def panoptic_pq(config: EvaluateConfig, predictions: BatchOutput, options: dict[str, Any]) -> dict[str, Any]:
+def panoptic_pq(config: EvaluateConfig, predictions: BatchOutput, storage: Storage) -> dict[str, Any]:
     """PQ / SQ / RQ of every GT image (matched or scored as empty) against COCO panoptic PNGs."""
-    gt = read_json(config.ground_truth, options, "ground truth")
+    gt = read_json(config.ground_truth, storage, "ground truth")
     require(gt, ("images", "annotations", "categories"), config.ground_truth, "COCO panoptic")
     if any("segments_info" not in a for a in gt["annotations"]):
         raise BadInput(f"{config.ground_truth}: annotations have no 'segments_info'; not a COCO panoptic JSON")
     masks_uri = config.masks or posixpath.splitext(config.ground_truth.rstrip("/"))[0]
-    fs, masks_dir = open_fs(masks_uri, storage_options(masks_uri, config.endpoint_url, config.storage_options_json))
+    fs, masks_dir = storage.open(masks_uri)
     if not fs.isdir(masks_dir):
         raise BadInput(f"panoptic PNG folder not found: {masks_uri} (set it with --masks)")
 
@@ -110,18 +110,17 @@ def panoptic_pq(config: EvaluateConfig, predictions: BatchOutput, options: dict[
     return accumulator.summary(gt["categories"])
 
 
-def semantic_categories(config: EvaluateConfig) -> tuple[list[dict[str, Any]], str]:
+def semantic_categories(config: EvaluateConfig, storage: Storage) -> tuple[list[dict[str, Any]], str]:
     """The class list for semantic masks (sorted by id, as training reads it) and the JSON it came from."""
     if config.categories:
         candidates = [config.categories]
     else:
         candidates = [_resolve(config.ground_truth, name) for name in SEMANTIC_CATEGORY_FILES]
     for uri in candidates:
-        options = storage_options(uri, config.endpoint_url, config.storage_options_json)
-        fs, path = open_fs(uri, options)
+        fs, path = storage.open(uri)
         if not fs.isfile(path):
             continue
-        data = read_json(uri, options, "categories")
+        data = read_json(uri, storage, "categories")
         categories = data.get("categories") if isinstance(data, dict) else data
         if not isinstance(categories, list) or not categories:
             raise BadInput(f"{uri} has no 'categories' list for the semantic classes")
@@ -140,12 +139,12 @@ def _resolve(folder: str, relative: str) -> str:
     return f"{protocol}{sep}{posixpath.normpath(posixpath.join(rest, relative))}"
 
 
-def semantic_miou(config: EvaluateConfig, predictions: BatchOutput, options: dict[str, Any]) -> dict[str, Any]:
+def semantic_miou(config: EvaluateConfig, predictions: BatchOutput, storage: Storage) -> dict[str, Any]:
     """mIoU of every GT mask (matched or scored as unlabelled) from one confusion matrix."""
-    categories, source = semantic_categories(config)
+    categories, source = semantic_categories(config, storage)
     check_class_count(len(categories), source)
     index = contiguous_mapping(categories)
-    fs, folder = open_fs(config.ground_truth, options)
+    fs, folder = storage.open(config.ground_truth)
     if not fs.isdir(folder):
         raise BadInput(f"semantic mask folder not found: {config.ground_truth}")
     names = files_by_stem(fs, folder, _is_label_png, config.ground_truth)
@@ -184,5 +183,5 @@ def _class_map(row: Mapping[str, Any], shape: tuple[int, int], index: Mapping[in
     return lut[id_map]
 
 
-Scorer = Callable[["EvaluateConfig", BatchOutput, dict[str, Any]], dict[str, Any]]
+Scorer = Callable[["EvaluateConfig", BatchOutput, Storage], dict[str, Any]]
 SCORERS: dict[str, Scorer] = {"coco-instances": instances_ap, "coco-panoptic": panoptic_pq, "semantic": semantic_miou}

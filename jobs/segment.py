@@ -64,7 +64,7 @@ from m2f.jobs.segment_end import finish
 from m2f.pipeline.output import new_run_id, run_file
 from m2f.pipeline.secrets import scrub, secret_values
 from m2f.pipeline.sources import list_inputs
-from m2f.pipeline.storage import open_fs, qualify, storage_failure, storage_options, write_atomic
+from m2f.pipeline.storage import Storage, open_fs, qualify, storage_failure, write_atomic
 
 # Rows per output part file. Larger files suit analysts, smaller ones lose less work to a kill.
 ROWS_PER_FILE = int(os.environ.get("M2F_ROWS_PER_FILE", "512"))
@@ -91,7 +91,8 @@ class SegmentRun:
         self.config, self.stop = config, stop
         self.started = datetime.now(UTC)
         self.run_id = new_run_id()
-        self.secrets = secret_values(_parsed_options(config.storage_options_json))
+        self.secrets = secret_values(_parsed_options(config.storage_options_json))  # before they are checked
+        self.storage: Storage | None = None  # set by _arguments, from the checked options
         self.warnings: list[str] = []
         self.counts = RunCounts()
         self.timings: dict[str, float] = {}  # seconds per phase
@@ -155,8 +156,9 @@ class SegmentRun:
         config = self.config
         try:
             config.validate()
+            self.storage = storage = config.storage
             self.options = {
-                name: storage_options(uri, config.endpoint_url, config.storage_options_json)
+                name: storage.options(uri)
                 for name, uri in (("input", config.input), ("output", config.output), ("model", config.model))
             }
         except ValueError as e:

@@ -114,8 +114,7 @@ def _previews(run: SegmentRun) -> int:
             run.root,
             run.config.preview,
             uris=dataclasses.replace(run.listing).uris(),  # the first N listed; a copy keeps the counts
-            endpoint_url=run.config.endpoint_url,
-            storage_options_json=run.config.storage_options_json,
+            storage=run.storage,
             max_pixels=run.config.max_pixels,
         )
     except Exception as e:  # previews are a convenience: they never fail a run

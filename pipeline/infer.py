@@ -26,7 +26,7 @@ from m2f.pipeline.decode import DecodeError, decode_image
 from m2f.pipeline.predictor import Prediction, Predictor, autocast_dtype
 from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
 from m2f.pipeline.secrets import scrub, secret_values
-from m2f.pipeline.storage import open_fs, protocol_of, storage_options, with_retries
+from m2f.pipeline.storage import Storage, open_fs, protocol_of, with_retries
 
 # One listed image between the prepare stage and the model. Sentinels instead of nulls (0 sizes,
 # -1 bytes) keep the integer columns integer when Ray hands them over as numpy arrays.
@@ -60,21 +60,21 @@ def prepare_images(
     *,
     preprocess: PreprocessConfig,
     max_pixels: int,
-    endpoint_url: str | None = None,
-    storage_options_json: str | None = None,
+    storage: Storage | None = None,
     read_threads: int = READ_THREADS,
 ) -> pa.Table:
     """batch {"image_uri": [...]} -> WORK_SCHEMA rows: the resized pixels, or an error reason.
 
     Reads run on `read_threads` threads (object stores answer slowly, concurrently); decoding follows
-    one image at a time. Options for each URI come from `storage_options(uri, endpoint_url, json)`.
+    one image at a time. Options for each URI come from `storage.options(uri)` (None: local files only).
     """
+    storage = storage or Storage()
     uris = [str(u) for u in batch["image_uri"]]
     options_by_protocol: dict[str, dict[str, Any]] = {}
     for uri in uris:
         protocol = protocol_of(uri)
         if protocol not in options_by_protocol:
-            options_by_protocol[protocol] = storage_options(uri, endpoint_url, storage_options_json)
+            options_by_protocol[protocol] = storage.options(uri)
     secrets = secret_values({"options": list(options_by_protocol.values())})
 
     def read(uri: str) -> bytes | str:
@@ -149,7 +149,7 @@ class Segmenter:
         batch_size: int = 4,
         score_threshold: float = 0.0,
         preset: str | None = None,
-        storage_options: dict[str, Any] | None = None,
+        storage: Storage | None = None,
         num_threads: int | None = None,
     ) -> None:
         from m2f.model import load  # the checkpoint loaders are only needed where the model lives
@@ -161,13 +161,14 @@ class Segmenter:
         if num_threads is not None:
             torch.set_num_threads(max(1, num_threads))
         self.model_uri = model_uri
-        self.model = load(model_uri, self.device, preset=preset, storage_options=storage_options)
+        options = (storage or Storage()).options(model_uri)
+        self.model = load(model_uri, self.device, preset=preset, storage_options=options)
         self.predictor = Predictor(self.model, task=task, precision=precision, score_threshold=score_threshold)
         self.task = self.predictor.task
         self.batch_size = batch_size
         self.run_id = run_id
         self.model_name = model_label(self.model.config.name, self.model.checkpoint_sha256)
-        self.secrets = secret_values(storage_options)
+        self.secrets = secret_values(options)
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> pa.Table:
         n = len(batch["image_uri"])

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from m2f.pipeline.groundtruth import contiguous_mapping
+from m2f.pipeline.storage import Storage
 from m2f.pipeline.training.datasets import (
     CocoInstances,
     CocoPanoptic,
@@ -275,12 +276,11 @@ def test_generate_and_read_on_s3(s3_options):
     import fsspec
 
     fsspec.filesystem("s3", **s3_options).mkdir("scenes")
-    summary = generate("s3://scenes/train", 2, seed=SEED, storage_options=s3_options)
+    storage = Storage(user_options=s3_options)
+    summary = generate("s3://scenes/train", 2, seed=SEED, storage=storage)
     assert summary["panoptic_json"] == "s3://scenes/train/panoptic.json"
-    panoptic = CocoPanoptic(
-        summary["panoptic_json"], summary["panoptic_dir"], summary["images"], storage_options=s3_options
-    )
-    semantic = SemanticMasks(summary["images"], summary["semantic_dir"], SYNTHETIC_CATEGORIES, s3_options)
+    panoptic = CocoPanoptic(summary["panoptic_json"], summary["panoptic_dir"], summary["images"], storage=storage)
+    semantic = SemanticMasks(summary["images"], summary["semantic_dir"], SYNTHETIC_CATEGORIES, storage=storage)
     assert len(panoptic) == len(semantic) == 2
     image, segments = _scene(1)
     _check_sample(panoptic.load(1), image, [(s.mask, _index(s.category_id)) for s in segments])

@@ -48,6 +48,7 @@ from m2f.pipeline.infer import prepare_images
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import (
     NO_CREDENTIALS,
+    Storage,
     StorageError,
     is_transient,
     open_fs,
@@ -125,8 +126,7 @@ def test_reads_come_through_faults_of_every_kind(
                 {"image_uri": uris},
                 preprocess=PREPROCESS,
                 max_pixels=10**6,
-                endpoint_url=proxy.url,
-                storage_options_json=NO_BOTOCORE_RETRY,
+                storage=Storage.from_cli(proxy.url, NO_BOTOCORE_RETRY),
             )
             rows = table.to_pylist()
             assert [r["image_uri"] for r in rows] == uris
@@ -146,7 +146,7 @@ def test_a_persistent_fault_is_that_image_s_error_row(s3_server: str, images: di
     bad_path = "/" + bad.removeprefix("s3://")
     with fault_proxy(s3_server, always_fail=lambda method, path: path == bad_path) as proxy:
         start = time.monotonic()
-        table = prepare_images({"image_uri": uris}, preprocess=PREPROCESS, max_pixels=10**6, endpoint_url=proxy.url)
+        table = prepare_images({"image_uri": uris}, preprocess=PREPROCESS, max_pixels=10**6, storage=Storage(proxy.url))
         elapsed = time.monotonic() - start
     rows = {r["image_uri"]: r for r in table.to_pylist()}
     assert rows[bad]["status"] == "error" and rows[bad]["error"].startswith("unreadable: "), rows[bad]
@@ -163,7 +163,7 @@ def test_a_missing_file_is_not_retried(s3_server: str, s3_bucket: str) -> None:
             {"image_uri": [f"s3://{s3_bucket}/nothing.png"]},
             preprocess=PREPROCESS,
             max_pixels=10**6,
-            endpoint_url=proxy.url,
+            storage=Storage(proxy.url),
         )
     assert table.to_pylist()[0]["error"] == "unreadable: file not found"
     assert proxy.requests <= 2  # s3fs's HEAD (and at most its GET): no retry of a 404

@@ -116,8 +116,7 @@ def write_previews(
     n: int,
     *,
     uris: Iterable[str] | None = None,
-    endpoint_url: str | None = None,
-    storage_options_json: str | None = None,
+    storage: Storage | None = None,
     max_pixels: int = 100_000_000,
 ) -> int:
     """Write overlays of n images of the dataset under `root` to `root/_previews/<stem>-<image_id>.png`, and
@@ -126,9 +125,10 @@ def write_previews(
     uris: the run's listing, in order; the first n distinct URIs are previewed (an image without an ok row
     is listed on the page without a preview), and no more of the iterable is consumed. None: the n smallest
     image URIs with an ok row. A preview that fails (the image moved, changed size) is logged, noted on the
-    page and skipped: previews never fail a run. Returns how many PNGs were written.
+    page and skipped: previews never fail a run. `storage` opens the images (None: local files only).
+    Returns how many PNGs were written.
     """
-    storage = Storage.from_cli(endpoint_url, storage_options_json)
+    storage = storage or Storage()
     parts = list_part_files(fs, root)
     folder = posixpath.join(root, PREVIEWS_DIR)
     entries = []

@@ -33,6 +33,7 @@ from m2f.pipeline.groundtruth import (
     sort_by_id,
 )
 from m2f.pipeline.sources import is_image_name
+from m2f.pipeline.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -85,20 +86,25 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def _read_json(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    with fsspec.open(uri, "rt", **storage_options) as f:
+def _open(uri: str, mode: str, storage: Storage) -> Any:
+    """`fsspec.open` of `uri` with `storage`'s options for it."""
+    return fsspec.open(uri, mode, **storage.options(uri))
+
+
+def _read_json(uri: str, storage: Storage) -> dict[str, Any]:
+    with _open(uri, "rt", storage) as f:
         return json.load(f)
 
 
-def _read_rgb(uri: str, storage_options: dict[str, Any]) -> np.ndarray:
+def _read_rgb(uri: str, storage: Storage) -> np.ndarray:
     """(H, W, 3) uint8 RGB pixels of an image file, whatever its stored mode (L, P, RGBA, ...)."""
-    with fsspec.open(uri, "rb", **storage_options) as f:
+    with _open(uri, "rb", storage) as f:
         return read_rgb(f)
 
 
-def _read_image(record: Record, storage_options: dict[str, Any]) -> np.ndarray:
+def _read_image(record: Record, storage: Storage) -> np.ndarray:
     """(H, W, 3) uint8 RGB image, checked against the annotated size (a mismatch would misplace masks)."""
-    image = _read_rgb(record.image_uri, storage_options)
+    image = _read_rgb(record.image_uri, storage)
     if image.shape[:2] != (record.height, record.width):
         raise ValueError(
             f"{record.image_uri}: image is {image.shape[1]}x{image.shape[0]} but annotated as "
@@ -120,8 +126,8 @@ class _CocoReader:
     Subclasses fill `_records` and say in `_targets` which (mask, contiguous label) pairs an image has.
     """
 
-    def __init__(self, categories: Sequence[Mapping[str, Any]], storage_options: dict[str, Any]) -> None:
-        self.storage_options = storage_options
+    def __init__(self, categories: Sequence[Mapping[str, Any]], storage: Storage) -> None:
+        self.storage = storage
         self.categories = _sorted_categories(categories, default_isthing=1)
         self._mapping = contiguous_mapping(self.categories)
         self._records: list[Record] = []
@@ -134,7 +140,7 @@ class _CocoReader:
 
     def load(self, i: int) -> Sample:
         record = self._records[i]
-        image = _read_image(record, self.storage_options)
+        image = _read_image(record, self.storage)
         masks, labels = self._targets(i, record, image)
         masks_arr, labels_arr = _stack(masks, labels, record.height, record.width)
         return Sample(image, masks_arr, labels_arr, record.image_id, record.file_name)
@@ -167,11 +173,12 @@ class CocoPanoptic(_CocoReader):
         json_uri: str,
         png_dir_uri: str,
         image_dir_uri: str,
-        storage_options: dict[str, Any] | None = None,
+        *,
+        storage: Storage | None = None,
     ) -> None:
-        options = dict(storage_options or {})
-        data = _read_json(json_uri, options)
-        super().__init__(data.get("categories", []), options)
+        storage = storage or Storage()
+        data = _read_json(json_uri, storage)
+        super().__init__(data.get("categories", []), storage)
         annotations = {a["image_id"]: a for a in data.get("annotations", [])}
         self._segments: list[list[dict[str, Any]]] = []
         for image in data.get("images", []):
@@ -185,7 +192,7 @@ class CocoPanoptic(_CocoReader):
             self._segments.append(annotation["segments_info"])
 
     def _targets(self, i: int, record: Record, image: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
-        with fsspec.open(record.label_uri, "rb", **self.storage_options) as f:
+        with _open(record.label_uri, "rb", self.storage) as f:
             ids = read_panoptic_png(f)  # (H, W) segment ids, 0 = void
         if ids.shape != image.shape[:2]:
             raise ValueError(f"{record.label_uri}: panoptic PNG is {ids.shape}, image is {image.shape[:2]}")
@@ -205,10 +212,10 @@ class CocoInstances(_CocoReader):
     Images without annotations are kept and load with N = 0 targets.
     """
 
-    def __init__(self, json_uri: str, image_dir_uri: str, storage_options: dict[str, Any] | None = None) -> None:
-        options = dict(storage_options or {})
-        data = _read_json(json_uri, options)
-        super().__init__(data.get("categories", []), options)
+    def __init__(self, json_uri: str, image_dir_uri: str, *, storage: Storage | None = None) -> None:
+        storage = storage or Storage()
+        data = _read_json(json_uri, storage)
+        super().__init__(data.get("categories", []), storage)
         by_image: dict[Any, list[dict[str, Any]]] = {}
         for a in data.get("annotations", []):
             if a["category_id"] not in self._mapping:
@@ -258,9 +265,10 @@ class SemanticMasks:
         image_dir_uri: str,
         mask_dir_uri: str,
         categories: Sequence[Mapping[str, Any] | str],
-        storage_options: dict[str, Any] | None = None,
+        *,
+        storage: Storage | None = None,
     ) -> None:
-        self.storage_options = dict(storage_options or {})
+        self.storage = storage or Storage()
         if not categories:
             raise ValueError("categories must name at least one class")
         check_class_count(len(categories), "categories")
@@ -268,8 +276,8 @@ class SemanticMasks:
             {"id": k, "name": c, "isthing": 0} if isinstance(c, str) else {"isthing": 0, **c}
             for k, c in enumerate(categories)
         ]
-        images = _list_stems(image_dir_uri, is_image_name, self.storage_options)
-        labels = _list_stems(mask_dir_uri, lambda name: name.lower().endswith(".png"), self.storage_options)
+        images = _list_stems(image_dir_uri, is_image_name, self.storage)
+        labels = _list_stems(mask_dir_uri, lambda name: name.lower().endswith(".png"), self.storage)
         stems = sorted(set(images) & set(labels))
         if not stems:
             raise ValueError(f"no image in {image_dir_uri} has a label PNG of the same stem in {mask_dir_uri}")
@@ -281,14 +289,14 @@ class SemanticMasks:
     def record(self, i: int) -> Record:
         """Reads the image header for its size (not its pixels)."""
         stem, image_uri, label_uri = self._items[i]
-        with fsspec.open(image_uri, "rb", **self.storage_options) as f, Image.open(f) as image:
+        with _open(image_uri, "rb", self.storage) as f, Image.open(f) as image:
             width, height = image.size
         return Record(stem, posixpath.basename(image_uri), image_uri, height, width, label_uri)
 
     def load(self, i: int) -> Sample:
         stem, image_uri, label_uri = self._items[i]
-        image = _read_rgb(image_uri, self.storage_options)
-        with fsspec.open(label_uri, "rb", **self.storage_options) as f:
+        image = _read_rgb(image_uri, self.storage)
+        with _open(label_uri, "rb", self.storage) as f:
             label = read_label_png(f, label_uri)  # (H, W)
         if label.shape != image.shape[:2]:
             raise ValueError(f"{label_uri}: label is {label.shape}, image {image_uri} is {image.shape[:2]}")
@@ -300,9 +308,9 @@ class SemanticMasks:
         return Sample(image, masks, present.astype(np.int64), stem, posixpath.basename(image_uri))
 
 
-def _list_stems(dir_uri: str, wanted: Callable[[str], bool], storage_options: dict[str, Any]) -> dict[str, str]:
+def _list_stems(dir_uri: str, wanted: Callable[[str], bool], storage: Storage) -> dict[str, str]:
     """File stem -> file name for the files in `dir_uri` whose name `wanted` accepts."""
-    fs, path = fsspec.core.url_to_fs(dir_uri, **storage_options)
+    fs, path = fsspec.core.url_to_fs(dir_uri, **storage.options(dir_uri))
     if not fs.isdir(path):
         raise ValueError(f"not a directory: {dir_uri}")
     return files_by_stem(fs, path, wanted, dir_uri)

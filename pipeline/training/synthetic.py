@@ -23,6 +23,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from m2f.pipeline.groundtruth import IGNORE, panoptic_rgb
+from m2f.pipeline.storage import Storage
 
 # Fixed order = the model's contiguous class order (things first, so the things-only instances file
 # maps onto the same first three indices).
@@ -145,19 +146,20 @@ def _shape_mask(
     raise ValueError(f"not a thing category id: {category_id}")
 
 
-def generate(out: str, n: int, seed: int, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def generate(out: str, n: int, seed: int, *, storage: Storage | None = None) -> dict[str, Any]:
     """Write `n` scenes under the fsspec URI `out` (local path or s3://...) and return a summary.
 
     Layout: `images/NNNNNN.png`, `panoptic.json` + `panoptic/NNNNNN.png` (COCO panoptic, segment id =
     R + 256 G + 256^2 B), `instances.json` (COCO instances, things only, compressed RLE) and
     `semantic/NNNNNN.png` (contiguous class index into SYNTHETIC_CATEGORIES, 255 = ignore).
     Image i (id i + 1) is drawn from its own stream seeded by (seed, i), so it is the same whatever `n`.
+    `storage` reaches `out` (None: a local path).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(out, **(storage or Storage()).options(out))
     for sub in ("images", "panoptic", "semantic"):
         fs.makedirs(posixpath.join(root, sub), exist_ok=True)
 
