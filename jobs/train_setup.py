@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from m2f.jobs.configs import TrainConfig
-from m2f.pipeline.storage import open_fs
 
 
 def total_steps(cfg: TrainConfig, num_images: int, world: int) -> tuple[int, int]:
@@ -26,19 +25,18 @@ def open_dataset(cfg: TrainConfig):
     from m2f.pipeline.training import datasets
 
     root = cfg.data.rstrip("/")
-    opts = cfg.options(root)
     images = cfg.images or f"{root}/images"
     if cfg.format == "coco-panoptic":
         ann = cfg.annotations or f"{root}/panoptic.json"
         masks = cfg.masks or f"{root}/panoptic"
-        return datasets.CocoPanoptic(ann, masks, images, storage_options=opts)
+        return datasets.CocoPanoptic(ann, masks, images, storage=cfg.storage)
     if cfg.format == "coco-instances":
-        return datasets.CocoInstances(cfg.annotations or f"{root}/instances.json", images, storage_options=opts)
+        return datasets.CocoInstances(cfg.annotations or f"{root}/instances.json", images, storage=cfg.storage)
     if cfg.format == "semantic":
         cats_uri = cfg.annotations or f"{root}/panoptic.json"
-        fs, path = open_fs(cats_uri, opts)
+        fs, path = cfg.storage.open(cats_uri)
         categories = json.loads(fs.cat_file(path))["categories"]
-        return datasets.SemanticMasks(images, cfg.masks or f"{root}/semantic", categories, storage_options=opts)
+        return datasets.SemanticMasks(images, cfg.masks or f"{root}/semantic", categories, storage=cfg.storage)
     raise ValueError(f"unknown data format {cfg.format!r} (coco-panoptic, coco-instances, semantic)")
 
 
