@@ -275,8 +275,8 @@ def export_coco(
     """
     from m2f.jobs.export_coco import export_coco as export
 
-    storage = storage_of(endpoint_url, storage_options)
-    raise typer.Exit(export(predictions, results, ground_truth, storage=storage, result_format=result_format))
+    storage, fmt = storage_of(endpoint_url, storage_options), result_format
+    raise typer.Exit(export(predictions, results, ground_truth, storage=storage, result_format=fmt))
 
 
 @app.command()
@@ -290,11 +290,9 @@ def synth(
     """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
     from m2f.pipeline.training.synthetic import generate
 
-    summary = generate(output, n, seed, storage=storage_of(endpoint_url, storage_options))
-    typer.echo(
-        f"wrote {summary['num_images']} images ({summary['num_segments']} segments, {summary['num_things']} things) "
-        f"to {output}: images/, panoptic.json + panoptic/, instances.json, semantic/"
-    )
+    done = generate(output, n, seed, storage=storage_of(endpoint_url, storage_options))
+    counts = f"{done['num_images']} images ({done['num_segments']} segments, {done['num_things']} things)"
+    typer.echo(f"wrote {counts} to {output}: images/, panoptic.json + panoptic/, instances.json, semantic/")
 
 
 if __name__ == "__main__":  # pragma: no cover
