@@ -101,6 +101,7 @@ class PartWriter:
         self._idle = threading.Event()  # set while nothing is queued or being written
         self._idle.set()
         self._pending = 0  # files queued or being written
+        self._pending_rows = 0  # the rows in them
         self._thread = threading.Thread(target=self._upload_loop, name="m2f-part-writer", daemon=True)
         self._thread.start()
 
@@ -139,6 +140,7 @@ class PartWriter:
             item = self._cut(self._buffered) if self._buffered else None
         deadline = None if timeout is None else time.monotonic() + timeout
         if item is not None and not self._enqueue(item, deadline):
+            self._put_back(item)  # the queue stayed full: the rows wait in the buffer for the next call
             return False
         done = self._idle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if done:
@@ -156,6 +158,12 @@ class PartWriter:
         with self._lock:
             return self._buffered
 
+    @property
+    def uncommitted(self) -> int:
+        """Rows handed to the writer and not yet in a part file: buffered, queued or being written."""
+        with self._lock:
+            return self._buffered + self._pending_rows
+
     # --- internals ------------------------------------------------------------------------------
 
     def _cut(self, rows: int) -> tuple[str, pa.Table]:
@@ -168,15 +176,32 @@ class PartWriter:
         name = part_name(self.root, self.run_id, self._sequence)
         self._sequence += 1
         self._pending += 1
+        self._pending_rows += head.num_rows
         self._idle.clear()
         return name, head.combine_chunks()
+
+    def _put_back(self, item: tuple[str, pa.Table]) -> None:
+        """Undo `_cut` for a file that never reached the queue (its name is not reused: names may skip)."""
+        with self._lock:
+            table = item[1]
+            self._buffer.insert(0, table)
+            self._buffered += table.num_rows
+            self._oldest = 0.0  # overdue: these rows were already on their way to a file
+            self._pending -= 1
+            self._pending_rows -= table.num_rows
+            if not self._pending:
+                self._idle.set()
 
     def _enqueue(self, item: tuple[str, pa.Table], deadline: float | None = None) -> bool:
         while True:
             self._raise_failure()
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-            if wait <= 0:
-                return False
+            if wait <= 0:  # out of time, but a free place in the queue costs nothing to take
+                try:
+                    self._queue.put_nowait(item)
+                    return True
+                except queue.Full:
+                    return False
             try:
                 self._queue.put(item, timeout=wait)
                 return True
@@ -200,6 +225,7 @@ class PartWriter:
             finally:
                 with self._lock:
                     self._pending -= 1
+                    self._pending_rows -= table.num_rows
                     if not self._pending:
                         self._idle.set()
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from m2f.jobs.commit import PartWriter
 from m2f.jobs.lifecycle import Stop
 from m2f.jobs.progress import Progress
-from m2f.jobs.resume import WorkPlan, read_work_files
+from m2f.jobs.resume import WORK_FILE_ROWS, WorkPlan, read_work_files
 from m2f.model.config import PreprocessConfig
 from m2f.pipeline.infer import Segmenter, prepare_images
 from m2f.pipeline.schema import STATUS_OK
@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
 PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
+# Ray Data's object-store budget for the run, in units of the largest block one task makes: Ray Data shares
+# its budget among the operators (half reserved, a quarter of that for each operator's tasks), and an
+# operator whose next task's output would not fit its share never starts it: below ~16 blocks a run
+# can stall before its first result (measured: a budget of 2 blocks did).
+BUDGET_BLOCKS = 32
+URI_BYTES = 256  # an upper bound on a work-manifest row (its URI) in a Ray block
+STREAMING_BLOCKS_AHEAD = 64
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +99,38 @@ def explain_stall(seconds: float, config: SegmentConfig, device: str) -> str:
     return text + f" ({nodes} node(s), {free_cpus:g} of {cpus:g} CPUs free)"
 
 
+def object_store_budget(config: SegmentConfig, preprocess: PreprocessConfig) -> int | None:
+    """Bytes of Ray's object store the run's pipeline may hold at once; None: Ray Data's own default.
+
+    Ray Data's default budget is a share of the whole object store (30 % of RAM), and the prepare stage,
+    faster than the model, fills it: what the run holds then grows with its length, up to gigabytes. A
+    budget of BUDGET_BLOCKS of the largest block any stage makes (the prepare tasks' resized images, the
+    model actor's input, a work-manifest file's URIs) keeps the model fed and is the same for a thousand
+    images as for a hundred million. `M2F_OBJECT_STORE_BUDGET_MB` overrides it; 0 gives Ray Data's default.
+    """
+    import os
+
+    override = os.environ.get("M2F_OBJECT_STORE_BUDGET_MB")
+    if override is not None:
+        megabytes = float(override)
+        return int(megabytes * 1024**2) if megabytes > 0 else None
+    image = preprocess.min_size * preprocess.max_size * 3  # a resized uint8 RGB image at most
+    blocks = (PREPARE_ROWS * image, config.batch_size * ACTOR_BATCHES * image, WORK_FILE_ROWS * URI_BYTES)
+    return BUDGET_BLOCKS * max(blocks) * max(1, config.actors)
+
+
 def _quiet_ray_data() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours (jobs.progress) work in logs and on terminals alike
+    # A task may run this many blocks ahead of the executor taking them (Ray Data's default: 2). The
+    # repartition cuts each work file into hundreds of small blocks; two at a time it delivered about 10
+    # blocks (160 images) a second while holding a CPU, which capped the whole run and kept the first
+    # result back for a minute on 2 CPUs (10 000 images: 24 -> 52 images/s, first result 65 -> 12 s).
+    # A private field (Ray 2.60): where it is gone, the default applies.
+    if hasattr(ctx, "_max_num_blocks_in_streaming_gen_buffer"):
+        ctx._max_num_blocks_in_streaming_gen_buffer = STREAMING_BLOCKS_AHEAD
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
     ctx.verbose_stats_logs = False
@@ -105,21 +139,51 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
+def prepare_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
+    """How many prepare tasks may run at once: the CPUs the model actors leave (at least one).
+
+    Without a cap the prepare stage, upstream and so first in Ray Data's resource reservation, takes every
+    CPU as the run starts, and the model actors wait for it to run out of input or of object-store
+    budget: the first result then comes after a time that grows with the input (65 s for 10 000 images
+    on 2 CPUs, 2 minutes for 20 000) and the decoded images pile up meanwhile. Measured on the cluster as
+    it is at the start; an autoscaler's later nodes serve the actors, not more prepare tasks.
+    """
+    return max(1, int(cluster_cpus - config.actors * config.cpus_per_actor))
+
+
 def build_dataset(
-    config: SegmentConfig, plan: WorkPlan, *, preprocess: PreprocessConfig, task: str, device: str, run_id: str
+    config: SegmentConfig,
+    plan: WorkPlan,
+    *,
+    preprocess: PreprocessConfig,
+    task: str,
+    device: str,
+    run_id: str,
+    cluster_cpus: float,
 ) -> Any:
     """The Ray Data pipeline over the work manifest, up to the model actors' output rows (not executed)."""
     import ray.data
 
     _quiet_ray_data()
+    options = ray.data.DataContext.get_current().execution_options
+    budget = object_store_budget(config, preprocess)
+    options.resource_limits = options.resource_limits.copy(object_store_memory=budget or float("inf"))
     storage = config.storage
     # The work files are read by a plain task, not read_parquet: in Ray 2.60 that datasource starts 32
     # footer-reading actors for a handful of tiny files, which cost tens of seconds of every run's start.
     ds = ray.data.from_items([{"path": p} for p in plan.files])
+    # No CPU for this task: it streams a work file out as small blocks for as long as the prepare stage
+    # takes them, and with a CPU of its own it kept one from prepare that whole time (on 2 CPUs with one
+    # model actor, no image was prepared until every block had been cut: a minute for 10 000 images).
     ds = ds.map_batches(
-        read_work_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"output": config.output, "storage": storage}
+        read_work_files,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"output": config.output, "storage": storage},
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=1),  # one work file at a time is plenty: it takes milliseconds
     )
-    # Small blocks spread decoding over every CPU (a work file is one block of up to WORK_CHUNK URIs).
+    # Small blocks spread decoding over every CPU (a work file is one block of up to WORK_FILE_ROWS URIs).
     ds = ds.repartition(target_num_rows_per_block=PREPARE_ROWS)
     ds = ds.map_batches(
         prepare_images,
@@ -127,6 +191,7 @@ def build_dataset(
         batch_format="numpy",
         fn_kwargs={"preprocess": preprocess, "max_pixels": config.max_pixels, "storage": storage},
         memory=PREPARE_MEMORY,
+        compute=ray.data.TaskPoolStrategy(size=prepare_concurrency(cluster_cpus, config)),
     )
     gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
     return ds.map_batches(

@@ -30,6 +30,10 @@ from typing import IO
 from m2f.jobs.configs import GRACE_SECONDS
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
+# A second signal ends the grace period (a person pressing Ctrl-C twice), unless it is the same signal
+# within this many seconds: `timeout` signals its child and then the child's process group, which
+# delivers it twice, and a scheduler may signal both the process and its group.
+DUPLICATE_SIGNAL_S = 1.0
 
 
 class Cancelled(Exception):  # noqa: N818 (it is a signal, not an error)
@@ -50,6 +54,7 @@ class Stop:
         self.deadline: float | None = None  # monotonic time by which the run must be gone
         self.raise_now = True  # raise Cancelled from the handler (no results in flight yet)
         self._previous: dict[int, object] = {}
+        self._first_signal = 0.0
         self._lock = threading.Lock()
 
     @property
@@ -81,12 +86,16 @@ class Stop:
         return float("inf") if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         with self._lock:
             if self.signum is not None or self.stalled is not None:
-                self.deadline = time.monotonic()  # a second request: no more grace
+                if signum == self.signum and now - self._first_signal < DUPLICATE_SIGNAL_S:
+                    return  # the same signal twice at once (`timeout` and `killpg` both reach us): one request
+                self.deadline = now  # a second request: no more grace
                 return
             self.signum = signum
-            self.deadline = time.monotonic() + self.grace_seconds
+            self._first_signal = now
+            self.deadline = now + self.grace_seconds
         if self.raise_now:
             raise Cancelled(signum)
 

@@ -2,8 +2,8 @@
 
 Image ids are compared as uint64 (the 16 hex digits of `schema.image_id`) in sorted NumPy arrays, so
 the driver holds 8 bytes per image, not a Python set of strings: tens of millions of images fit.
-The listing is streamed into work-manifest Parquet files of at most WORK_CHUNK URIs, which the Ray
-Data pipeline reads back; the driver never holds more than one chunk of URIs.
+The listing is streamed, WORK_CHUNK URIs at a time, into work-manifest Parquet files of at most
+WORK_FILE_ROWS URIs, which the Ray Data pipeline reads back; the driver never holds more than one chunk.
 
 Nothing is deleted before its replacement is committed. A run removes an image's earlier rows only after
 it has committed the image's new row (`supersede`, at the end of the run), so while a run goes a reader
@@ -32,7 +32,8 @@ from m2f.pipeline.storage import Storage, is_temporary, remove_temporaries, with
 
 log = logging.getLogger(__name__)
 
-WORK_CHUNK = 100_000  # URIs per work-manifest file: the most the driver holds at once
+WORK_CHUNK = 100_000  # URIs of the listing taken at a time: the most the driver holds at once
+WORK_FILE_ROWS = 2048  # URIs per work-manifest file: one Ray Data block each, small beside the run's budget
 
 
 # --- image ids as uint64 --------------------------------------------------------------------------
@@ -229,7 +230,7 @@ class WorkPlan:
 
 
 def plan_work(listing: Listing, done_keys: np.ndarray, *, fs: AbstractFileSystem, folder: str) -> WorkPlan:
-    """Stream the listing into work-manifest files of at most WORK_CHUNK URIs, leaving out images that are
+    """Stream the listing into work-manifest files of at most WORK_FILE_ROWS URIs, leaving out images that are
     done (`done_keys`, sorted uint64: an ok row, or under --overwrite an ok row of an interrupted overwrite
     run this one continues) and URIs listed before. The driver holds one chunk of URIs and 8 bytes per
     listed image."""
@@ -250,9 +251,11 @@ def plan_work(listing: Listing, done_keys: np.ndarray, *, fs: AbstractFileSystem
         keep &= ~done
         if keep.any():
             uris = [u for u, k in zip(chunk, keep.tolist(), strict=True) if k]
-            path = posixpath.join(folder, f"work-{len(plan.files):06d}.parquet")
-            write_atomic(fs, path, parquet_bytes(pa.table({"image_uri": pa.array(uris, pa.string())})))
-            plan.files.append(path)
+            for start in range(0, len(uris), WORK_FILE_ROWS):
+                path = posixpath.join(folder, f"work-{len(plan.files):06d}.parquet")
+                part = pa.array(uris[start : start + WORK_FILE_ROWS], pa.string())
+                write_atomic(fs, path, parquet_bytes(pa.table({"image_uri": part})))
+                plan.files.append(path)
             pending_chunks.append(keys[keep])
     if pending_chunks:
         plan.pending = np.sort(np.concatenate(pending_chunks))

@@ -62,13 +62,13 @@ from m2f.jobs.resume import (
 )
 from m2f.jobs.segment_end import finish
 from m2f.pipeline.output import new_run_id, run_file
+from m2f.pipeline.predictor import default_score_threshold
 from m2f.pipeline.secrets import scrub, secret_values
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import Storage, open_fs, qualify, storage_failure, write_atomic
 
 # Rows per output part file. Larger files suit analysts, smaller ones lose less work to a kill.
 ROWS_PER_FILE = int(os.environ.get("M2F_ROWS_PER_FILE", "512"))
-INSTANCE_SCORE_THRESHOLD = 0.5  # detectron2's demo and Hugging Face's pipeline keep instances scoring >= 0.5
 PROGRESS_SECONDS = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a progress line in logs this often
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class SegmentRun:
         self.timings["model_probe"] = time.perf_counter() - clock
         self.task = config.task or self.probe.task
         if config.score_threshold is None:
-            threshold = INSTANCE_SCORE_THRESHOLD if self.task == "instance" else 0.0
+            threshold = default_score_threshold(self.task)
             self.config = dataclasses.replace(config, score_threshold=threshold)
         if config.device == "cuda" and not config.ray_address and not local_gpu():
             raise Failure("--device cuda, but this machine has no GPU that torch can use (Ray runs locally)", 2)
@@ -267,6 +267,7 @@ class SegmentRun:
                 task=self.task,
                 device=device,
                 run_id=self.run_id,
+                cluster_cpus=resources.get("CPU", 0.0),
             )
             writer = PartWriter(
                 self.fs,
@@ -317,7 +318,7 @@ class SegmentRun:
         try:
             while not writer.close(timeout=min(1.0, self.stop.time_left())):
                 if self.stop.time_left() <= 0:
-                    self.warn(f"{writer.buffered} finished rows were not committed within --grace-seconds")
+                    self.warn(f"{writer.uncommitted} finished rows were not committed within --grace-seconds")
                     return
         except Exception as e:
             raise self._write_failure(e) from None

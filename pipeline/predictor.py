@@ -11,6 +11,9 @@ plumbing (Ray batches, error rows, retries) stays with its callers, so the numbe
 
     predict = Predictor(model.load("model_final_94dc52.pkl"), task="panoptic")
     segments = predict(image)  # image (H, W, 3) uint8 RGB -> [{"label", "score", "rle", ...}, ...]
+
+    predict = Predictor.load("s3://models/ft1/model.safetensors", task="instance")  # or in one step
+    segments = predict(PIL.Image.open("cat.jpg"))  # a PIL image is turned upright and into RGB first
 """
 
 from __future__ import annotations
@@ -29,8 +32,16 @@ from m2f.model.postprocess import Segments, postprocess
 from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
 from m2f.pipeline.encode import encode_segments, image_stats
 
+INSTANCE_SCORE_THRESHOLD = 0.5  # detectron2's demo and Hugging Face's pipeline keep instances scoring >= 0.5
+
 # --precision -> autocast dtype (None: plain fp32)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_score_threshold(task: str) -> float:
+    """0.5 for instance output (each query is a candidate instance; most score near 0), else 0 (panoptic and
+    semantic post-processing decide themselves what to keep)."""
+    return INSTANCE_SCORE_THRESHOLD if task == "instance" else 0.0
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -81,8 +92,32 @@ class Predictor:
         self.dtype = autocast_dtype(precision, self.device)
         self.score_threshold = score_threshold
 
-    def __call__(self, image: np.ndarray) -> list[dict[str, Any]]:
-        """image (H, W, 3) uint8 RGB, upright -> its segments, as a row's `segments` column holds them."""
+    @classmethod
+    def load(
+        cls,
+        path_or_uri: str,
+        *,
+        device: str = "cpu",
+        task: str | None = None,
+        precision: str = "fp32",
+        score_threshold: float | None = None,
+        preset: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> Predictor:
+        """A Predictor for any checkpoint `model.load` reads. `score_threshold` None: 0.5 for instance
+        output (as `m2f segment` and detectron2's demo), else 0."""
+        from m2f.model.checkpoint import load
+
+        net = load(path_or_uri, device, preset=preset, storage_options=storage_options)
+        task = task or net.config.task
+        if score_threshold is None:
+            score_threshold = default_score_threshold(task)
+        return cls(net, task=task, precision=precision, score_threshold=score_threshold)
+
+    def __call__(self, image: Any) -> list[dict[str, Any]]:
+        """image: (H, W, 3) uint8 RGB, upright, or a PIL image -> its segments, as a row's `segments`
+        column holds them."""
+        image = _as_rgb_array(image)
         (prediction,) = self.predict([self.resize(image)], [image.shape[:2]])
         return self.encode(prediction)
 
@@ -157,3 +192,15 @@ def _to_numpy(task: str, segments: Segments) -> Prediction:
     panoptic = None if segments.panoptic is None else segments.panoptic.cpu().numpy()
     masks, labels, scores = (t.cpu().numpy() for t in (segments.masks, segments.labels, segments.scores))
     return Prediction(task=task, masks=masks, labels=labels, scores=scores, panoptic=panoptic)
+
+
+def _as_rgb_array(image: Any) -> np.ndarray:
+    """A PIL image (turned upright by its EXIF orientation, as `m2f segment` reads files) or an array."""
+    from PIL import Image, ImageOps
+
+    if isinstance(image, Image.Image):
+        image = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    return image

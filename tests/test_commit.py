@@ -105,6 +105,29 @@ def test_close_gives_up_at_its_timeout_while_the_upload_thread_is_busy(tmp_path)
     assert uris_in(tmp_path) == ["/x/a.png"]
 
 
+def test_a_close_out_of_time_keeps_its_rows_for_the_next_call(tmp_path) -> None:
+    """close(timeout=0), the grace period spent: the buffered rows still take a free place in the queue;
+    with none free they stay buffered and counted, never dropped (they were, before)."""
+    fs, root = open_fs(str(tmp_path), {})
+    release = threading.Event()
+    writer = PartWriter(fs, root, "run", rows_per_file=100, flush_seconds=3600, max_queued=1)
+    writer.on_commit = lambda c: release.wait(30)
+    writer.add(rows(["a"]))
+    assert writer.close(timeout=0) is False  # queued, then written: the upload thread waits in on_commit
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "part-run-000000.parquet").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    writer.add(rows(["b"]))
+    assert writer.close(timeout=0) is False  # the one free place in the queue
+    writer.add(rows(["c"]))
+    assert writer.close(timeout=0) is False  # the queue is full: back to the buffer
+    assert (writer.buffered, writer.uncommitted) == (1, 3)
+    release.set()
+    assert writer.close(timeout=10) is True and writer.uncommitted == 0
+    assert uris_in(tmp_path) == ["/x/a.png", "/x/b.png", "/x/c.png"]
+
+
 def test_progress_lines_in_logs_and_a_bar_on_terminals() -> None:
     log = io.StringIO()
     progress = Progress(1000, bar=False, interval=0.0, stream=log)

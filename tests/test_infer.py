@@ -237,6 +237,26 @@ def test_predictor_on_one_image_gives_the_segmenters_segments(
         Predictor(predict.net, task="depth")
 
 
+def test_predictor_load_takes_a_pil_image_upright_as_the_job_reads_files(
+    model_path: str, images: dict[str, str], tmp_path: Path
+) -> None:
+    """`Predictor.load(uri)(pil_image)`: the checkpoint's task, the job's default threshold, and a PIL image
+    turned upright by its EXIF orientation, as `m2f segment` reads the file."""
+    data = Path(images["b"]).read_bytes()
+    upright = decode_image(data)
+    rotated = tmp_path / "rotated.jpg"  # stored sideways, with the tag that says so (6: rotate 90 clockwise)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(rotated, exif=exif, quality=100)
+    predict = Predictor.load(model_path, task="instance")
+    assert predict.score_threshold == 0.5 and Predictor.load(model_path).score_threshold == 0.0
+    from_file = Predictor.load(model_path)(decode_image(rotated.read_bytes()))
+    from_pil = Predictor.load(model_path)(Image.open(rotated))
+    assert from_pil == from_file and from_pil  # the same pixels, upright, the same segments
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 RGB"):
+        predict(upright.astype(np.float32))
+
+
 def test_bad_settings_are_value_errors(model_path: str) -> None:
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         Segmenter(model_path, run_id="r", precision="fp16")

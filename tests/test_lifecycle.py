@@ -18,6 +18,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from m2f.jobs.lifecycle import DUPLICATE_SIGNAL_S, Stop
 from tests.fault_proxy import fault_proxy
 from tests.processes import descendants, kill_tree
 from tests.test_infer import png
@@ -268,3 +269,21 @@ def test_sigterm_while_ray_shuts_down_still_reaches_the_jobs_handler() -> None:
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.strip().endswith("handled SIGTERM")
     assert "SIGTERM received" not in done.stderr
+
+
+def test_the_same_signal_twice_at_once_is_one_request_a_later_one_ends_the_grace() -> None:
+    """`timeout` (and a scheduler signalling a process and its group) delivers SIGTERM twice within
+    microseconds: that must not cut the grace period short, as a deliberate second signal does."""
+    stop = Stop(grace_seconds=20)
+    stop.raise_now = False
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)  # the duplicate
+    assert stop.exit_code == 143 and stop.time_left() > 15
+    stop._handle(signal.SIGINT, None)  # another signal: the user insists
+    assert stop.time_left() == 0 and stop.exit_code == 143
+    again = Stop(grace_seconds=20)
+    again.raise_now = False
+    again._handle(signal.SIGTERM, None)
+    again._first_signal -= DUPLICATE_SIGNAL_S + 0.1  # the same signal, later
+    again._handle(signal.SIGTERM, None)
+    assert again.time_left() == 0

@@ -331,13 +331,15 @@ def test_plan_skips_done_and_repeated_uris(tmp_path, monkeypatch) -> None:
     manifest = tmp_path / "list.txt"
     manifest.write_text("\n".join(uris + uris[:2]) + "\n")  # two URIs listed twice
     monkeypatch.setattr(resume, "WORK_CHUNK", 3)  # repeats across chunk boundaries too
+    monkeypatch.setattr(resume, "WORK_FILE_ROWS", 2)  # a chunk's URIs over several files
     fs, root = open_fs(str(tmp_path / "work"), {})
     done = np.sort(np.array([uri_key(uris[4])], np.uint64))
     plan = plan_work(list_inputs(str(manifest), {}), done, fs=fs, folder=root)
     assert (plan.listed, plan.duplicates, plan.already_done, len(plan.pending)) == (7, 2, 1, 4)
     assert plan.pending.tolist() == sorted(uri_key(u) for u in uris[:4])
-    work = [u for path in plan.files for u in pq.read_table(path)["image_uri"].to_pylist()]
-    assert work == uris[:4]  # listing order kept
+    files = [pq.read_table(path)["image_uri"].to_pylist() for path in plan.files]
+    assert [u for f in files for u in f] == uris[:4]  # listing order kept
+    assert max(len(f) for f in files) == 2 and len(files) == 3  # [u0 u1] [u2], then [u3]
     redo = plan_work(list_inputs(str(manifest), {}), np.empty(0, np.uint64), fs=fs, folder=root + "2")
     assert (redo.already_done, len(redo.pending)) == (0, 5)
 
