@@ -10,6 +10,7 @@ import typer
 
 from m2f.jobs.config_file import merged_options, required
 from m2f.jobs.configs import DEVICES, PRECISIONS, SegmentConfig, TrainConfig
+from m2f.jobs.console import Console
 from m2f.pipeline.storage import Storage
 
 app = typer.Typer(
@@ -30,8 +31,7 @@ Precision = choices("Precision", PRECISIONS)
 DataFormat = choices("DataFormat", ("coco-panoptic", "coco-instances", "semantic"))
 S, T = SegmentConfig, TrainConfig  # each option's default is its config field's, written once there
 
-# Option groups in --help, so that no table wraps into unreadable columns at 80 characters.
-ModelOpt = functools.partial(typer.Option, rich_help_panel="Model")
+ModelOpt = functools.partial(typer.Option, rich_help_panel="Model")  # groups: no --help table wraps at 80 columns
 ComputeOpt = functools.partial(typer.Option, rich_help_panel="Compute")
 RunOpt = functools.partial(typer.Option, rich_help_panel="Run")
 LifecycleOpt = functools.partial(typer.Option, rich_help_panel="Commits, stops and stalls")
@@ -56,7 +56,7 @@ def storage_of(endpoint_url: str | None, storage_options: str | None) -> Storage
     try:
         return Storage.from_cli(endpoint_url, storage_options)
     except ValueError as e:  # its message never echoes the JSON, which may hold a secret
-        typer.echo(f"error: {e}", err=True)
+        Console().line(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -292,7 +292,7 @@ def synth(
 
     done = generate(output, n, seed, storage=storage_of(endpoint_url, storage_options))
     counts = f"{done['num_images']} images ({done['num_segments']} segments, {done['num_things']} things)"
-    typer.echo(f"wrote {counts} to {output}: images/, panoptic.json + panoptic/, instances.json, semantic/")
+    Console().line(f"wrote {counts} to {output}: images/, panoptic.json + panoptic/, instances.json, semantic/")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ and report them with `report_error`.
 
 from __future__ import annotations
 
-import sys
+from m2f.jobs.console import Console
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
@@ -20,7 +20,7 @@ class BadInput(ValueError):
 USER_ERRORS = (ValueError, KeyError, OSError)
 
 
-def report_error(e: BaseException) -> None:
+def report_error(e: BaseException, console: Console | None = None) -> None:
     """Print one of `USER_ERRORS` as one `error: ...` line on stderr."""
     if isinstance(e, KeyError):
         message = f"malformed input: a record lacks the field {e}"
@@ -28,4 +28,4 @@ def report_error(e: BaseException) -> None:
         message = f"not found: {e.filename or e}"
     else:
         message = str(e) or type(e).__name__
-    print(f"error: {message}", file=sys.stderr)
+    (console or Console()).line(f"error: {message}", err=True)

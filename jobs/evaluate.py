@@ -50,12 +50,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from m2f.jobs.bad_input import EXIT_BAD_INPUT, EXIT_OK, USER_ERRORS, BadInput, report_error
+from m2f.jobs.console import Console
 from m2f.jobs.json_files import json_scalar, write_json
 from m2f.jobs.predictions import open_predictions
 from m2f.jobs.scoring import SCORERS
@@ -93,22 +93,22 @@ def run(config: EvaluateConfig) -> int:
     line; anything a library prints on stdout meanwhile is sent to stderr too.
     """
     to_stdout = config.json_out == STDOUT
-    human = sys.stderr if to_stdout else sys.stdout
+    console = Console(json_mode=to_stdout)
     try:
-        with contextlib.redirect_stdout(human):
+        with contextlib.redirect_stdout(console.err if to_stdout else console.out):  # pycocotools prints
             report = evaluate(config)
         if config.json_out and not to_stdout:
             write_json(config.json_out, report, config.storage)
     except USER_ERRORS as e:
-        report_error(e)
+        report_error(e, console)
         return EXIT_BAD_INPUT
     for warning in report["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
-    _print_report(report, human)
+        console.line(f"warning: {warning}", err=True)
+    console.line(_report_text(report))
     if to_stdout:
-        print(json.dumps(report, default=json_scalar), flush=True)
+        console.result(json.dumps(report, default=json_scalar))
     elif config.json_out:
-        print(f"metrics written to {config.json_out}")
+        console.line(f"metrics written to {config.json_out}")
     return EXIT_OK
 
 
@@ -146,13 +146,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     }
 
 
-def _print_report(report: Mapping[str, Any], out: Any) -> None:
+def _report_text(report: Mapping[str, Any]) -> str:
     counts = report["images"]
-    print(
+    return (
         f"{counts['matched']} of {counts['gt_images']} ground-truth images have a prediction "
         f"({counts['ok']} predicted ok, {counts['failed']} failed, {counts['superseded_rows']} superseded rows, "
-        f"{counts['unmatched_predictions']} not in the ground truth)",
-        file=out,
+        f"{counts['unmatched_predictions']} not in the ground truth)\n\n" + format_table(report["metrics"])
     )
-    print(file=out)
-    print(format_table(report["metrics"]), file=out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import posixpath
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from m2f.jobs.bad_input import EXIT_BAD_INPUT, EXIT_OK, USER_ERRORS, BadInput, report_error
+from m2f.jobs.console import Console
 from m2f.jobs.json_files import read_json, require, write_json
 from m2f.jobs.predictions import BatchOutput, MatchCounts, check_size, match_by_name, open_predictions
 from m2f.jobs.task_fit import task_findings
@@ -64,7 +64,7 @@ def export_coco(
     Without it, image_id = `stable_image_id` (52 bits, so any JSON reader keeps it exactly).
     `storage` reaches every URI (None: local files only).
     """
-    storage = storage or Storage()
+    storage, console = storage or Storage(), Console()
     try:
         if result_format not in EXPORT_FORMATS:
             raise BadInput(f"--format must be one of {list(EXPORT_FORMATS)}, got {result_format!r}")
@@ -79,7 +79,7 @@ def export_coco(
             require(gt, ("images",), ground_truth, "COCO")
         warnings, refusal = task_findings(f"coco-{result_format}", batch.runs())
         for warning in warnings + ([refusal] if refusal else []):
-            print(f"warning: {warning}", file=sys.stderr)
+            console.line(f"warning: {warning}", err=True)
         rows = _export_rows(batch, gt, ground_truth)
         if result_format == "instances":
             out, stuff = _instance_results(rows)
@@ -99,7 +99,7 @@ def export_coco(
             if empty:
                 lines.append(f"{empty} ground-truth images have no ok prediction: written as empty (all void)")
     except USER_ERRORS as e:
-        report_error(e)
+        report_error(e, console)
         return EXIT_BAD_INPUT
     counts = batch.counts
     if counts.failed:
@@ -111,7 +111,7 @@ def export_coco(
             f"image_id = int(first {STABLE_ID_HEX} hex digits of the batch output's image_id), below 2**52 so "
             "JSON readers keep it exact; pass --gt to use a COCO JSON's"
         )
-    print("\n".join(lines))
+    console.line("\n".join(lines))
     return EXIT_OK
 
 

@@ -46,9 +46,10 @@ import numpy as np
 from m2f.jobs.cluster import ray_session
 from m2f.jobs.commit import Commit, PartWriter
 from m2f.jobs.configs import SegmentConfig
+from m2f.jobs.console import Console
 from m2f.jobs.dataflow import build_dataset, capacity_warnings, explain_stall, resolve_device, stream_results
 from m2f.jobs.failure import Failure, one_line, storage_step
-from m2f.jobs.lifecycle import Cancelled, RunLog, Stop, Terminal, handling_signals
+from m2f.jobs.lifecycle import Cancelled, RunLog, Stop, handling_signals
 from m2f.jobs.model_probe import ModelProbe, local_gpu, probe_model
 from m2f.jobs.progress import Progress
 from m2f.jobs.report import RunCounts, build_report, ray_data_stats
@@ -107,7 +108,7 @@ class SegmentRun:
         self.processing_s = 0.0
         self.stats: dict[str, Any] | None = None
         self.log = RunLog(self.run_id)
-        self.terminal = Terminal(json_mode=config.json)
+        self.terminal = Console(json_mode=config.json)
         self.report: dict[str, Any] | None = None  # the last report written
 
     def say(self, message: str, *, err: bool = False) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 from m2f.jobs.checkpoints import read_latest
 from m2f.jobs.cluster import ray_session
 from m2f.jobs.configs import TrainConfig
-from m2f.jobs.lifecycle import Cancelled, RunLog, Stop, Terminal, handling_signals
+from m2f.jobs.console import Console
+from m2f.jobs.lifecycle import Cancelled, RunLog, Stop, handling_signals
 from m2f.jobs.progress import Progress
 from m2f.jobs.train_setup import open_dataset, total_steps
 from m2f.pipeline.output import new_run_id, run_file
@@ -53,7 +54,7 @@ class TrainRun:
         self.cfg, self.stop = cfg, stop
         self.run_id = new_run_id()
         self.started = datetime.now(UTC)
-        self.terminal = Terminal()
+        self.terminal = Console()
         self.secrets = secret_values(cfg.storage.user_options)
         self.log = RunLog(self.run_id)
         self.images = 0
