@@ -32,7 +32,9 @@ CATEGORIES = [
 
 
 def reference_pq_stats(pred_map, pred_segments, gt_map, gt_segments) -> dict[int, list]:
-    """Category -> [iou_sum, tp, fp, fn], straight from the definition, pixel by pixel."""
+    """Category -> [iou_sum, tp, fp, fn], pixel by pixel, read as panopticapi's pq_compute reads the
+    ground truth: only id 0 is void, a listed `area` is the segment's area, every listed segment counts,
+    and a category's crowd region is the last one listed."""
     h, w = gt_map.shape
     gt_info = {s["id"]: s for s in gt_segments}
     pred_info = {s["id"]: s for s in pred_segments}
@@ -44,7 +46,7 @@ def reference_pq_stats(pred_map, pred_segments, gt_map, gt_segments) -> dict[int
             g, p = int(gt_map[y, x]), int(pred_map[y, x])
             if g in gt_info:
                 gt_pixels.setdefault(g, set()).add((y, x))
-            else:
+            elif g == 0:
                 void.add((y, x))
             if p != 0:
                 pred_pixels.setdefault(p, set()).add((y, x))
@@ -61,7 +63,8 @@ def reference_pq_stats(pred_map, pred_segments, gt_map, gt_segments) -> dict[int
         for p, ppix in pred_pixels.items():
             if pred_info[p]["category_id"] != gt_info[g]["category_id"]:
                 continue
-            iou = len(gpix & ppix) / (len(gpix | ppix) - len(ppix & void))
+            area = gt_info[g].get("area", len(gpix))
+            iou = len(gpix & ppix) / (area + len(ppix) - len(gpix & ppix) - len(ppix & void))
             if iou > 0.5:
                 assert g not in matched_gt and p not in matched_pred
                 matched_gt.add(g)
@@ -69,17 +72,15 @@ def reference_pq_stats(pred_map, pred_segments, gt_map, gt_segments) -> dict[int
                 s = stat(gt_info[g]["category_id"])
                 s[0] += iou
                 s[1] += 1
-    for g in gt_pixels:
+    for g in gt_info:
         if g not in matched_gt and not gt_info[g].get("iscrowd", 0):
             stat(gt_info[g]["category_id"])[3] += 1
+    crowd_of = {info["category_id"]: g for g, info in gt_info.items() if info.get("iscrowd", 0)}
     for p, ppix in pred_pixels.items():
         if p in matched_pred:
             continue
         cat = pred_info[p]["category_id"]
-        crowd = set()
-        for g, gpix in gt_pixels.items():
-            if gt_info[g].get("iscrowd", 0) and gt_info[g]["category_id"] == cat:
-                crowd |= gpix
+        crowd = gt_pixels.get(crowd_of.get(cat, -1), set())
         if len(ppix & (void | crowd)) / len(ppix) > 0.5:
             continue
         stat(cat)[2] += 1
@@ -193,7 +194,9 @@ def test_prediction_mostly_on_void_is_ignored_but_half_is_not():
     assert_stats_equal(as_lists(stats), reference_pq_stats(pred, pred_segs, gt, gt_segs))
 
 
-def test_unknown_gt_ids_are_void():
+def test_unlisted_gt_ids_are_not_void_as_in_panopticapi():
+    """A GT PNG id missing from segments_info matches nothing, and a prediction on it is a false
+    positive: pq_compute skips such ids when matching but counts them against predictions."""
     gt, gt_segs = scene()
     gt[:, 9] = 77  # not described by any segment info
     pred, pred_segs = relabel(gt, gt_segs)
@@ -201,7 +204,43 @@ def test_unknown_gt_ids_are_void():
     pred[0:3, 9] = 300
     pred_segs.append({"id": 300, "category_id": 2})
     stats = panoptic_image_stats(pred, pred_segs, gt, gt_segs)
-    assert stats[2].fp == 0 and stats[2].tp == 1
+    assert stats[2].fp == 1 and stats[2].tp == 1
+    assert_stats_equal(as_lists(stats), reference_pq_stats(pred, pred_segs, gt, gt_segs))
+    pred[0:3, 9] = 0  # no prediction there: the unlisted ids cost nothing
+    assert panoptic_image_stats(pred, pred_segs[:-1], gt, gt_segs)[2].fp == 0
+
+
+def test_a_listed_gt_segment_without_pixels_is_a_false_negative():
+    gt, gt_segs = scene()
+    gt_segs.append({"id": 9, "category_id": 2, "iscrowd": 0})  # listed, hidden in the PNG
+    pred, pred_segs = relabel(*scene())
+    stats = panoptic_image_stats(pred, pred_segs, gt, gt_segs)
+    assert (stats[2].tp, stats[2].fn) == (1, 1)
+    assert_stats_equal(as_lists(stats), reference_pq_stats(pred, pred_segs, gt, gt_segs))
+
+
+def test_a_listed_gt_area_is_the_segments_area():
+    """pq_compute takes a GT segment's area from the JSON (its `area`), not from the PNG."""
+    gt, gt_segs = scene()
+    pred, pred_segs = relabel(gt, gt_segs)
+    exact = panoptic_image_stats(pred, pred_segs, gt, gt_segs)[1].iou_sum
+    gt_segs[2]["area"] = 12  # the circle has 9 pixels
+    stats = panoptic_image_stats(pred, pred_segs, gt, gt_segs)
+    assert exact == 1.0 and stats[1].iou_sum == pytest.approx(9 / 12)
+    assert_stats_equal(as_lists(stats), reference_pq_stats(pred, pred_segs, gt, gt_segs))
+
+
+def test_the_last_listed_crowd_region_of_a_category_is_the_one_used():
+    gt, gt_segs = scene()
+    gt[6:9, 0:2] = 5  # two crowd regions of circles on the ground
+    gt[0, 5:9] = 6
+    gt_segs += [{"id": 5, "category_id": 1, "iscrowd": 1}, {"id": 6, "category_id": 1, "iscrowd": 1}]
+    pred, pred_segs = relabel(*scene())
+    pred[6:9, 0:2] = 400  # a circle predicted on the first crowd region only
+    pred_segs.append({"id": 400, "category_id": 1})
+    stats = panoptic_image_stats(pred, pred_segs, gt, gt_segs)
+    assert stats[1].fp == 1  # not excused: only the last listed crowd region (id 6) counts
+    assert_stats_equal(as_lists(stats), reference_pq_stats(pred, pred_segs, gt, gt_segs))
 
 
 def test_crowd_region():

@@ -82,23 +82,23 @@ def panoptic_image_stats(
     gt_map: np.ndarray,
     gt_segments: Iterable[Mapping[str, Any]],
 ) -> dict[int, PQStat]:
-    """Per-category PQ counts of one image (the standard definition of COCO panopticapi).
+    """Per-category PQ counts of one image, as COCO panopticapi's `pq_compute` counts them.
 
     Args:
         pred_map: (H, W) int, predicted segment id per pixel; 0 = no prediction.
         pred_segments: [{id, category_id}] for the ids in `pred_map`.
-        gt_map: (H, W) int, ground-truth segment id per pixel. 0, and any id missing from
-            `gt_segments`, is void: it is neither matched nor counted against a prediction.
-        gt_segments: [{id, category_id, iscrowd (optional, default 0)}].
+        gt_map: (H, W) int, ground-truth segment id per pixel; 0 = void (unlabelled).
+        gt_segments: [{id, category_id, iscrowd (default 0), area (default: its pixels in gt_map)}].
 
     A prediction and a non-crowd GT segment of the same category match when IoU > 0.5, where the
-    union leaves out the prediction's pixels on void GT (an unlabelled pixel cannot make a
-    prediction wrong). IoU > 0.5 makes matches unique, so no assignment problem arises. Unmatched
-    GT segments are false negatives; unmatched predictions are false positives unless more than
-    half of their area lies on void or on crowd regions of their own category. Segments listed
-    but with no pixel in their map are ignored (overlap resolution can hide a segment entirely).
-    Unlike panopticapi, which keeps one crowd region per category, all crowd regions of a
-    category count here; on COCO, which has at most one per category and image, both agree.
+    union leaves out the prediction's pixels on void GT. IoU > 0.5 makes matches unique, so no
+    assignment problem arises. Every listed non-crowd GT segment left unmatched is a false negative,
+    also one with no pixel in `gt_map`. An unmatched prediction is a false positive unless more than
+    half of it lies on void or on its category's crowd region (the last listed, when there are
+    several). Where the ground truth disagrees with itself, panopticapi's reading is the one kept:
+    a GT id missing from `gt_segments` is not void but matches nothing (a prediction on it counts
+    against the prediction), and a listed `area` is used as the segment's area. A prediction listed
+    with no pixel is skipped (panopticapi refuses such a file; `m2f export-coco` never writes one).
 
     Raises:
         ValueError: on shape mismatch, malformed segment infos, or predicted ids with no info.
@@ -113,12 +113,16 @@ def panoptic_image_stats(
     pred_lab, unknown = _relabel(pred_map, [int(s["id"]) for s in preds])
     if unknown:
         raise ValueError(f"pred_map contains segment ids {unknown[:10]} that pred_segments does not describe")
-    gt_lab, _ = _relabel(gt_map, [int(s["id"]) for s in gts])  # unknown GT ids are void by definition
-
     n_gt, n_pred = len(gts), len(preds)
+    gt_lab, unlisted = _relabel(gt_map, [int(s["id"]) for s in gts])
+    if unlisted:  # GT ids missing from gt_segments: a label of their own, matched by nothing, not void
+        gt_lab[np.isin(gt_map, unlisted)] = n_gt + 1
+
+    rows = n_gt + 2  # void, the listed GT segments, the unlisted ids
     joint = gt_lab * (n_pred + 1) + pred_lab
-    counts = np.bincount(joint.ravel(), minlength=(n_gt + 1) * (n_pred + 1)).reshape(n_gt + 1, n_pred + 1)
-    gt_area = counts.sum(axis=1)  # (n_gt + 1,) row 0 = void
+    counts = np.bincount(joint.ravel(), minlength=rows * (n_pred + 1)).reshape(rows, n_pred + 1)
+    pixels = counts.sum(axis=1)  # (rows,)
+    gt_area = [0] + [int(s.get("area", pixels[g])) for g, s in enumerate(gts, start=1)]
     pred_area = counts.sum(axis=0)  # (n_pred + 1,) column 0 = unpredicted
     pred_cat = [0] + [int(s["category_id"]) for s in preds]
     gt_cat = [0] + [int(s["category_id"]) for s in gts]
@@ -127,12 +131,12 @@ def panoptic_image_stats(
     stats: dict[int, PQStat] = {}
     gt_matched = np.zeros(n_gt + 1, dtype=bool)
     pred_matched = np.zeros(n_pred + 1, dtype=bool)
-    for g, p in zip(*np.nonzero(counts[1:, 1:]), strict=True):
+    for g, p in zip(*np.nonzero(counts[1 : n_gt + 1, 1:]), strict=True):
         g, p = int(g) + 1, int(p) + 1
         if gt_crowd[g] or gt_cat[g] != pred_cat[p]:
             continue
         inter = int(counts[g, p])
-        union = int(pred_area[p] + gt_area[g]) - inter - int(counts[0, p])
+        union = int(pred_area[p]) + gt_area[g] - inter - int(counts[0, p])
         iou = inter / union
         if iou > 0.5:
             stat = stats.setdefault(gt_cat[g], PQStat())
@@ -140,15 +144,19 @@ def panoptic_image_stats(
             stat.iou_sum += iou
             gt_matched[g] = pred_matched[p] = True
 
+    crowd_of: dict[int, int] = {}  # category -> its crowd region's row: the last listed, as panopticapi keeps
     for g in range(1, n_gt + 1):
-        if gt_area[g] > 0 and not gt_matched[g] and not gt_crowd[g]:
+        if gt_crowd[g]:
+            crowd_of[gt_cat[g]] = g
+        elif not gt_matched[g]:
             stats.setdefault(gt_cat[g], PQStat()).fn += 1
 
     for p in range(1, n_pred + 1):
         if pred_area[p] == 0 or pred_matched[p]:
             continue
         ignored = int(counts[0, p])
-        ignored += sum(int(counts[g, p]) for g in range(1, n_gt + 1) if gt_crowd[g] and gt_cat[g] == pred_cat[p])
+        if pred_cat[p] in crowd_of:
+            ignored += int(counts[crowd_of[pred_cat[p]], p])
         if ignored / pred_area[p] > 0.5:
             continue
         stats.setdefault(pred_cat[p], PQStat()).fp += 1
