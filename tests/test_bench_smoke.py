@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from bench import gpu, memory, scaleout
+from bench import budget, gpu, memory, scaleout
 from bench import pipeline as pipeline_bench
 
 
@@ -151,3 +151,14 @@ def test_gpu_bench_without_cuda_says_so_and_exits_0(monkeypatch, capsys) -> None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu.main([]) == 0
     assert "CUDA is not available" in capsys.readouterr().out
+
+
+def test_budget_bench_sums_its_stages_for_every_task(tmp_path) -> None:
+    result = budget.bench(images=1, repeats=1, instance_kept=5, seed=0, workdir=tmp_path)
+    assert set(result["tasks"]) == set(budget.TASKS)
+    for figures in result["tasks"].values():
+        stages = figures["stages_core_ms"]
+        assert stages["read + decode"] > 0 and stages["resize + normalise"] > 0 and stages["encode + statistics"] > 0
+        assert figures["total_core_ms"] == pytest.approx(sum(stages.values()))
+        assert figures["images_per_s_16_cores"] == pytest.approx(16_000 / figures["total_core_ms"])
+    assert "instance" in budget.tables(result)
