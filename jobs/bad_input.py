@@ -20,12 +20,15 @@ class BadInput(ValueError):
 USER_ERRORS = (ValueError, KeyError, OSError)
 
 
+def user_message(e: BaseException) -> str:
+    """One of `USER_ERRORS` as the one line a user reads (a KeyError's text is only the key's name)."""
+    if isinstance(e, KeyError):
+        return f"malformed input: a record lacks the field {e}"
+    if isinstance(e, FileNotFoundError):
+        return f"not found: {e.filename or e}"
+    return str(e) or type(e).__name__
+
+
 def report_error(e: BaseException, console: Console | None = None) -> None:
     """Print one of `USER_ERRORS` as one `error: ...` line on stderr."""
-    if isinstance(e, KeyError):
-        message = f"malformed input: a record lacks the field {e}"
-    elif isinstance(e, FileNotFoundError):
-        message = f"not found: {e.filename or e}"
-    else:
-        message = str(e) or type(e).__name__
-    (console or Console()).line(f"error: {message}", err=True)
+    (console or Console()).line(f"error: {user_message(e)}", err=True)

@@ -12,6 +12,7 @@ run, and why a run that stopped making progress stopped.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -108,8 +109,6 @@ def object_store_budget(config: SegmentConfig, preprocess: PreprocessConfig) -> 
     model actor's input, a work-manifest file's URIs) keeps the model fed and is the same for a thousand
     images as for a hundred million. `M2F_OBJECT_STORE_BUDGET_MB` overrides it; 0 gives Ray Data's default.
     """
-    import os
-
     override = os.environ.get("M2F_OBJECT_STORE_BUDGET_MB")
     if override is not None:
         megabytes = float(override)

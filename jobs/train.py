@@ -21,6 +21,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
+from m2f.jobs.bad_input import BadInput, user_message
 from m2f.jobs.checkpoints import read_latest
 from m2f.jobs.cluster import ray_session
 from m2f.jobs.configs import TrainConfig
@@ -36,10 +37,6 @@ PROGRESS_SECONDS = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a prog
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 
 log = logging.getLogger(__name__)
-
-
-class BadArguments(ValueError):
-    pass
 
 
 def run(cfg: TrainConfig) -> int:
@@ -70,12 +67,9 @@ class TrainRun:
         try:
             try:
                 self._check()
-            except (ValueError, FileNotFoundError, KeyError) as e:  # BadArguments too
+            except (ValueError, FileNotFoundError, KeyError) as e:  # BadInput too; other storage errors: exit 3
                 self.log.close()
-                message = e.args[0] if isinstance(e, KeyError) and e.args else e
-                if isinstance(e, FileNotFoundError) and e.filename:
-                    message = f"not found: {e.filename}"
-                self.say(f"m2f train: error: {message}", err=True)
+                self.say(f"m2f train: error: {user_message(e)}", err=True)
                 return 2
             self._train()
             if self.stop.requested:
@@ -93,17 +87,17 @@ class TrainRun:
         """What can be checked before Ray starts: the options, the dataset, where to resume from."""
         cfg = self.cfg
         if cfg.max_steps is not None and cfg.max_steps < 1:
-            raise BadArguments("--max-steps must be >= 1")
+            raise BadInput("--max-steps must be >= 1")
         if cfg.epochs is not None and cfg.epochs <= 0:
-            raise BadArguments("--epochs must be > 0")
+            raise BadInput("--epochs must be > 0")
         from m2f.model.presets import ARCHITECTURES
 
         if not cfg.init and cfg.arch not in ARCHITECTURES:
-            raise BadArguments(f"unknown --arch {cfg.arch!r}; choose from {', '.join(sorted(ARCHITECTURES))}")
+            raise BadInput(f"unknown --arch {cfg.arch!r}; choose from {', '.join(sorted(ARCHITECTURES))}")
         dataset = open_dataset(cfg)  # a bad path or format fails here, in the driver
         self.images = len(dataset)
         if not self.images:
-            raise BadArguments(f"no training images under {cfg.data}")
+            raise BadInput(f"no training images under {cfg.data}")
         _, self.total = total_steps(cfg, self.images, cfg.workers)
         latest = read_latest(cfg)
         self.start_step = int(latest["step"]) if latest else 0
