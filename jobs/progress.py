@@ -19,7 +19,7 @@ import threading
 import time
 from typing import IO, Any
 
-INTERVAL_S = 30.0  # a log line at least this often
+INTERVAL_S = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a log line at least this often
 
 
 def format_duration(seconds: float) -> str:

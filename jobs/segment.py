@@ -70,7 +70,6 @@ from m2f.pipeline.storage import Storage, open_fs, qualify, storage_failure, wri
 
 # Rows per output part file. Larger files suit analysts, smaller ones lose less work to a kill.
 ROWS_PER_FILE = int(os.environ.get("M2F_ROWS_PER_FILE", "512"))
-PROGRESS_SECONDS = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a progress line in logs this often
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +277,7 @@ class SegmentRun:
                 flush_seconds=config.flush_seconds,
                 on_commit=self._committed,
             )
-            progress = Progress(
-                self.counts.pending, bar=config.progress, interval=PROGRESS_SECONDS, stream=self.terminal.err
-            )
+            progress = Progress(self.counts.pending, bar=config.progress, stream=self.terminal.err)
             start = time.perf_counter()  # from here a signal stops the loop, which commits what it holds
             try:
                 stream_results(

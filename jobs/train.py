@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
+import signal
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +33,6 @@ from m2f.pipeline.output import new_run_id, run_file
 from m2f.pipeline.secrets import redact, scrub, secret_values
 from m2f.pipeline.storage import open_fs, qualify, write_atomic
 
-PROGRESS_SECONDS = float(os.environ.get("M2F_PROGRESS_SECONDS", "30"))  # a progress line in logs this often
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ class TrainRun:
         self.stop.raise_now = False  # a signal inside ray.init() would leave a half-started Ray behind
         with self.terminal.capture_ray(self.log.path), ray_session(cfg.ray_address, self.stop):
             if self.stop.requested:
-                raise Cancelled(self.stop.signum or 15)
+                raise Cancelled(self.stop.signum or signal.SIGTERM)
             import ray
 
             from m2f.jobs.train_loop import TrainProgress
@@ -127,7 +126,6 @@ class TrainRun:
                 initial=self.start_step,
                 unit="steps",
                 prefix="m2f train",
-                interval=PROGRESS_SECONDS,
                 stream=self.terminal.err,
             )
             try:
