@@ -1,7 +1,7 @@
 """Memory: peak RSS of the driver and of the Ray workers for N1 = 200 vs N2 = 2000 images.
 
     python -m bench.memory [--n1 200] [--n2 2000] [--model micro] [--batch-size 4] [--threads 1]
-                           [--distinct 100] [--interval 0.2] [--in-process]
+                           [--distinct 100] [--interval 0.2] [--repeats 1] [--in-process]
 
 Each run is `jobs.segment.run` from a local folder to local Parquet (`bench.job.run_pipeline`), in a fresh
 process (spawned; it starts its own Ray), so neither run inherits the other's heap. A thread in this process
@@ -13,6 +13,11 @@ images as for 200 (target: within 10 %).
 The images are small synthetic scenes (`--distinct` of them drawn with `pipeline.training.synthetic.generate`, repeated
 to make up N files) and the default model is `micro` (64-128 px inputs), so 2 000 images stay quick; the
 memory question is about the pipeline, not the model. `--model demo` measures with the bundled model.
+
+With `--repeats K` each size runs K times and the ratios compare the medians: the object store's figure
+is the high-water mark of the pages its allocator has touched on /dev/shm, which depends on the order in
+which blocks were freed and so varies from run to run by about a megabyte; one run per size cannot tell
+that apart from growth. Every run's figures are kept in the results.
 
 RSS counts shared pages in every process that maps them (Ray's object store is shared memory that workers
 map to read blocks without copying), so sums over processes overstate the machine's use; they are compared
@@ -168,6 +173,7 @@ def _kind(title: str) -> str:
 def measure(
     n: int,
     *,
+    repeat: int = 0,
     model_uri: str,
     images: Path,
     output: Path,
@@ -181,7 +187,7 @@ def measure(
     `isolate`: run the job in a fresh spawned process (the driver) that starts its own Ray. Otherwise run it
     here, reusing this process's Ray if it has one (the smoke test): the driver is then this process.
     """
-    manifest = output.parent / f"manifest-{n}.txt"
+    manifest = output.parent / f"manifest-{n}-{repeat}.txt"
     manifest.write_text("\n".join(listed_uris(str(images))[:n]) + "\n")
     kwargs = {
         "input": str(manifest),
@@ -191,7 +197,7 @@ def measure(
         "threads": threads,
     }
     if isolate:
-        result_path = output.parent / f"result-{n}.json"
+        result_path = output.parent / f"result-{n}-{repeat}.json"
         process = multiprocessing.get_context("spawn").Process(
             target=run_pipeline_to_file, args=(kwargs, str(result_path))
         )
@@ -211,7 +217,7 @@ def measure(
         finally:
             sampler.stop()
     keep = ("images", "errors", "wall_s", "images_per_s_with_startup", "images_per_s_steady", "timings_s")
-    return {"n": n, **sampler.summary(), "run": {k: run[k] for k in keep}}
+    return {"n": n, "repeat": repeat, **sampler.summary(), "run": {k: run[k] for k in keep}}
 
 
 def bench(
@@ -226,13 +232,19 @@ def bench(
     workdir: Path,
     isolate: bool = True,
     seed: int = 0,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Both runs over the same image files (the first n1 and n2 of max(n1, n2)); the N2/N1 ratios."""
+    """`repeats` runs of each size over the same image files (the first n1 and n2 of max(n1, n2)), the
+    sizes alternating; the ratios of the N2 and N1 medians."""
     model_uri, model_note = resolve_model(model, workdir)
     images = workdir / "images"
     write_images(str(images), max(n1, n2), seed=seed, distinct=distinct)
     shared = {"model_uri": model_uri, "images": images, "batch_size": batch_size, "threads": threads}
-    runs = [measure(n, output=workdir / f"out-{n}", interval=interval, isolate=isolate, **shared) for n in (n1, n2)]
+    runs = [
+        measure(n, repeat=k, output=workdir / f"out-{n}-{k}", interval=interval, isolate=isolate, **shared)
+        for k in range(repeats)
+        for n in (n1, n2)
+    ]
     metrics = [
         "driver_peak_mb",
         "largest_worker_peak_mb",
@@ -240,7 +252,9 @@ def bench(
         "ray_processes_sum_peak_mb",
         "object_store_peak_mb",
     ]
-    ratios = {m: runs[1][m] / runs[0][m] if runs[0][m] else None for m in [*metrics, "all_sum_peak_mb"]}
+    metrics.append("all_sum_peak_mb")
+    medians = {n: {m: _median([r[m] for r in runs if r["n"] == n]) for m in metrics} for n in (n1, n2)}
+    ratios = {m: medians[n2][m] / medians[n1][m] if medians[n1][m] else None for m in metrics}
     return {
         "n1": n1,
         "n2": n2,
@@ -250,9 +264,19 @@ def bench(
         "distinct_images": distinct,
         "interval_s": interval,
         "isolated": isolate,
+        "repeats": repeats,
+        "medians": {str(n): values for n, values in medians.items()},
         "ratios": ratios,
         "runs": runs,
     }
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    middle = len(known) // 2
+    return known[middle] if len(known) % 2 else (known[middle - 1] + known[middle]) / 2
 
 
 def tables(result: dict[str, Any]) -> str:
@@ -265,29 +289,47 @@ def tables(result: dict[str, Any]) -> str:
         "all_sum_peak_mb": "everything summed, peak, MB",
         "object_store_peak_mb": "object store (/dev/shm in use), peak, MB",
     }
-    first, second = result["runs"]
+    medians = {int(n): values for n, values in result["medians"].items()}
+    repeats = result.get("repeats", 1)
 
     def f(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    rows = [[label, f(first[k]), f(second[k]), f(result["ratios"][k], 3)] for k, label in labels.items()]
-    rows.append(["workers seen", first["workers_seen"], second["workers_seen"], ""])
+    def each(n: int, key: str, digits: int = 1) -> str:
+        values = [r[key] if key in r else r["run"][key] for r in result["runs"] if r["n"] == n]
+        return " / ".join(f(v, digits) for v in values)
+
+    rows = [[label, f(medians[n1][k]), f(medians[n2][k]), f(result["ratios"][k], 3)] for k, label in labels.items()]
+    header = ["", f"{n1} images", f"{n2} images", f"ratio {n2}/{n1}"]
+    if repeats > 1:
+        header = ["", f"{n1} images (median)", f"{n2} images (median)", f"ratio {n2}/{n1}"]
+        rows.append(
+            [
+                f"object store, each of {repeats} runs",
+                each(n1, "object_store_peak_mb"),
+                each(n2, "object_store_peak_mb"),
+                "",
+            ]
+        )
+    rows.append(["workers seen", each(n1, "workers_seen", 0), each(n2, "workers_seen", 0), ""])
     rows.append(
         [
             "images/s with start-up",
-            f(first["run"]["images_per_s_with_startup"], 2),
-            f(second["run"]["images_per_s_with_startup"], 2),
+            each(n1, "images_per_s_with_startup", 2),
+            each(n2, "images_per_s_with_startup", 2),
             "",
         ]
     )
     lines = [
         f"model: {result['model']}, batch {result['batch_size']}, 1 actor x {result['threads']} thread(s), "
-        f"{result['distinct_images']} distinct scenes, sampled every {result['interval_s']} s",
+        f"{result['distinct_images']} distinct scenes, sampled every {result['interval_s']} s, {repeats} run(s) each",
         "",
-        table(["", f"{n1} images", f"{n2} images", f"ratio {n2}/{n1}"], rows),
+        table(header, rows),
         f"(target: ratio <= {TARGET_RATIO:.2f})",
     ]
     for run in result["runs"]:
+        if run.get("repeat", 0) > 0:
+            continue
         lines += ["", f"largest processes, {run['n']} images:"]
         lines.append(
             table(
@@ -307,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the actor")
     parser.add_argument("--distinct", type=int, default=100, help="distinct synthetic scenes, repeated to N files")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each size; the ratios compare medians")
     parser.add_argument(
         "--in-process", dest="isolate", action="store_false", help="run the jobs in this process (not isolated)"
     )

@@ -150,6 +150,26 @@ def prepare_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
     return max(1, int(cluster_cpus - config.actors * config.cpus_per_actor))
 
 
+def model_actor_pool(actors: int) -> Any:
+    """`actors` model actors from the start, and a pool that may shrink to one while the run goes on.
+
+    Why not a fixed size: Ray restarts an actor lost with its node wherever resources are free, and on a
+    cluster left with fewer CPUs the restarted actors can take every CPU, leaving none for the prepare
+    tasks that feed them: nothing moves again (measured: 2 actors on 3 CPUs, a 1-CPU node lost, no image
+    for 60 s until the stall timeout). An autoscaling pool lets Ray Data's actor autoscaler release an
+    idle actor when the pool is underused (its default rule: tasks in flight at most half the actors),
+    which frees a CPU for the prepare stage, and the run finishes on the actors that are left. It scales
+    back up, to `actors` at most, when actors have a backlog and its resource budget allows. The same rule
+    shrinks the pool of a run that is starved of input for a while (slow storage), which frees what those
+    actors held; `RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_DOWNSCALING_THRESHOLD` tunes it. One actor: a fixed pool.
+    """
+    import ray.data
+
+    if actors <= 1:
+        return ray.data.ActorPoolStrategy(size=1)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors)
+
+
 def build_dataset(
     config: SegmentConfig,
     plan: WorkPlan,
@@ -197,7 +217,7 @@ def build_dataset(
         Segmenter,
         batch_size=config.batch_size * ACTOR_BATCHES,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        compute=model_actor_pool(config.actors),
         num_cpus=config.cpus_per_actor,
         fn_constructor_args=(config.model,),
         fn_constructor_kwargs={

@@ -70,7 +70,11 @@ def test_memory_bench_samples_the_driver_and_the_workers(ray_three_cpus, tmp_pat
         interval=0.05,
         workdir=tmp_path,
         isolate=False,  # reuse the module's Ray; `python -m bench.memory` spawns a process per run
+        repeats=2,
     )
+    assert sorted((run["n"], run["repeat"]) for run in result["runs"]) == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    drivers = sorted(run["driver_peak_mb"] for run in result["runs"] if run["n"] == 4)
+    assert result["medians"]["4"]["driver_peak_mb"] == pytest.approx(sum(drivers) / 2)
     for run in result["runs"]:
         assert run["run"]["images"] == run["n"]
         assert run["driver_peak_mb"] > 0 and run["workers_seen"] >= 1 and run["largest_worker_peak_mb"] > 0

@@ -293,3 +293,35 @@ def test_a_lost_node_replaced_within_the_stall_timeout_completes_with_one_row_pe
     assert f"{len(uris)} already done, 0 to process" in result.output
     assert not ray.is_initialized()
     assert_one_ok_row_per_image(out, uris)
+
+
+def test_a_lost_node_that_leaves_too_few_cpus_for_every_actor_and_the_prepare_stage_shrinks_the_pool(
+    models, ray_tmp, tmp_path
+):
+    """Two model actors on a 3-CPU cluster, then a 1-CPU node goes: the 2 CPUs left could hold both actors
+    (Ray restarts a lost one wherever a CPU is free) and nothing for prepare_images, which feeds them. The
+    pool gives up an actor instead, and the run completes on one actor without a replacement node."""
+    source, out, logs = tmp_path / "in", tmp_path / "out", tmp_path / "logs"
+    uris = images(source)
+    with multi_node_ray() as cluster:
+        cluster.add_node(num_cpus=2)
+        small = cluster.add_node(num_cpus=1)
+        args = [*job_args(models, stall_timeout=PATIENT_STALL_S), "--actors", 2]
+        process = start(source, out, logs, *args, "--ray-address", cluster.address)
+        try:
+            wait_for_part_file(process, out, logs)
+            cluster.remove_node(small)
+            at_the_loss = len(rows_of(out, "image_uri"))
+            returncode = wait_for_exit(process, 240, logs)
+            drivers = drivers_of(cluster, process)
+        finally:
+            if process.poll() is None:
+                kill_tree(process)
+    text = log_text(logs)
+    assert returncode == 0, text
+    assert "Traceback" not in text, text
+    assert len(drivers) == 1, drivers
+    assert at_the_loss < len(uris)
+    (report,) = reports(out)
+    assert report["status"] == "completed" and report["exit_code"] == 0
+    assert_one_ok_row_per_image(out, uris)
