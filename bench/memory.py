@@ -15,9 +15,9 @@ to make up N files) and the default model is `micro` (64-128 px inputs), so 2 00
 memory question is about the pipeline, not the model. `--model demo` measures with the bundled model.
 
 With `--repeats K` each size runs K times and the ratios compare the medians: the object store's figure
-is the high-water mark of the pages its allocator has touched on /dev/shm, which depends on the order in
-which blocks were freed and so varies from run to run by about a megabyte; one run per size cannot tell
-that apart from growth. Every run's figures are kept in the results.
+is the high-water mark of the pages written into the run's own store file (found through the raylet's
+mappings), which depends on the order in which blocks were freed and so varies from run to run; one run
+per size cannot tell that apart from growth. Every run's figures are kept in the results.
 
 RSS counts shared pages in every process that maps them (Ray's object store is shared memory that workers
 map to read blocks without copying), so sums over processes overstate the machine's use; they are compared
@@ -31,7 +31,6 @@ import importlib
 import json
 import multiprocessing
 import os
-import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,8 +70,7 @@ class PeakSampler(threading.Thread):
         self.peaks: dict[int, dict[str, Any]] = {}
         self.sum_peaks: dict[str, int] = {kind: 0 for kind in (*KINDS, "all")}
         self.samples = 0
-        self.shm_base = _shm_used()
-        self.shm_peak = 0  # bytes of /dev/shm in use above the start: Ray's object store (plasma) lives there
+        self.store_peak = 0  # bytes of this Ray's object store (plasma) file the store has touched
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -94,6 +92,7 @@ class PeakSampler(threading.Thread):
         except psutil.Error:
             return
         sums = dict.fromkeys(self.sum_peaks, 0)
+        stores: dict[int, int] = {}  # inode -> allocated bytes of a plasma file the tree maps
         for process in processes:
             try:
                 rss = process.memory_info().rss
@@ -113,9 +112,11 @@ class PeakSampler(threading.Thread):
                 entry["title"] = title[:100]
             sums[kind] += rss
             sums["all"] += rss
+            if _program(title) == "raylet":
+                stores.update(_plasma_files(process.pid))
         for kind, value in sums.items():
             self.sum_peaks[kind] = max(self.sum_peaks[kind], value)
-        self.shm_peak = max(self.shm_peak, _shm_used() - self.shm_base)
+        self.store_peak = max(self.store_peak, sum(stores.values()))
         self.samples += 1
 
     def summary(self, top: int = 8) -> dict[str, Any]:
@@ -128,7 +129,7 @@ class PeakSampler(threading.Thread):
             "workers_sum_peak_mb": self.sum_peaks["worker"] / MB,
             "ray_processes_sum_peak_mb": self.sum_peaks["ray"] / MB,
             "all_sum_peak_mb": self.sum_peaks["all"] / MB,
-            "object_store_peak_mb": self.shm_peak / MB,
+            "object_store_peak_mb": self.store_peak / MB,
             "processes_seen": len(self.peaks),
             "workers_seen": len(workers),
             "samples": self.samples,
@@ -148,12 +149,24 @@ class PeakSampler(threading.Thread):
         return dict(sorted(roles.items(), key=lambda kv: -kv[1]))
 
 
-def _shm_used() -> int:
-    """Bytes in use on /dev/shm (0 where there is none): the pages Ray's object store has touched."""
+def _plasma_files(pid: int) -> dict[int, int]:
+    """inode -> bytes allocated, of the object-store files process `pid` maps (Ray's raylet holds the store).
+
+    The store is a file on /dev/shm that Ray unlinks once mapped, so only its mapping finds it; its
+    allocated blocks are the pages written into it, by any process, whatever it holds now: the store's
+    high-water mark. Counting /dev/shm as a whole would count every other Ray on the machine too (a test
+    suite running beside the benchmark). Needs read access to /proc/<pid>/map_files (root or the owner).
+    """
+    found: dict[int, int] = {}
     try:
-        return shutil.disk_usage("/dev/shm").used
-    except OSError:
-        return 0
+        with open(f"/proc/{pid}/maps") as maps:
+            lines = [line.split() for line in maps if "/dev/shm/plasma" in line]
+        for fields in lines:
+            info = os.stat(f"/proc/{pid}/map_files/{fields[0]}")
+            found[info.st_ino] = info.st_blocks * 512
+    except OSError:  # gone, or not ours to read
+        pass
+    return found
 
 
 def _role(kind: str, title: str) -> str:
@@ -166,8 +179,15 @@ def _role(kind: str, title: str) -> str:
 
 
 def _kind(title: str) -> str:
-    """Ray sets its workers' process titles to `ray::<task or actor>`; before that they run default_worker.py."""
+    """Ray sets its workers' process titles to `ray::<task or actor>`; before that they run default_worker.py
+    (which the raylet's own command line names too, as the program to start workers with)."""
+    if _program(title) == "raylet":
+        return "ray"
     return "worker" if title.startswith("ray::") or "default_worker.py" in title else "ray"
+
+
+def _program(title: str) -> str:
+    return os.path.basename(title.split()[0]) if title else ""
 
 
 def measure(
@@ -287,7 +307,7 @@ def tables(result: dict[str, Any]) -> str:
         "workers_sum_peak_mb": "workers' summed RSS, peak, MB",
         "ray_processes_sum_peak_mb": "Ray's own processes, summed, peak, MB",
         "all_sum_peak_mb": "everything summed, peak, MB",
-        "object_store_peak_mb": "object store (/dev/shm in use), peak, MB",
+        "object_store_peak_mb": "object store (pages of its file written), peak, MB",
     }
     medians = {int(n): values for n, values in result["medians"].items()}
     repeats = result.get("repeats", 1)

@@ -8,6 +8,7 @@ exists; nothing is written to bench/results.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -84,6 +85,22 @@ def test_memory_bench_samples_the_driver_and_the_workers(ray_three_cpus, tmp_pat
     # The object store was filled before this in-process run (the module's Ray): its growth may be 0 here.
     assert all(run["object_store_peak_mb"] >= 0 for run in result["runs"])
     assert "ratio 4/2" in memory.tables(result)
+
+
+def test_the_sampler_reads_the_object_store_of_its_own_ray(ray_three_cpus) -> None:
+    """The object-store figure is the pages written into the store file of the Ray the sampled tree runs (here
+    the module's, started by this process), not /dev/shm as a whole: 24 MB put there show up."""
+    import numpy as np
+    import ray
+
+    sampler = memory.PeakSampler(os.getpid(), interval=1.0)
+    sampler.sample()
+    before = sampler.store_peak
+    ref = ray.put(np.ones(24 * 2**20, dtype=np.uint8))
+    sampler.sample()
+    del ref
+    assert sampler.store_peak - before >= 24 * 2**20 or before >= 24 * 2**20
+    assert sampler.summary()["object_store_peak_mb"] >= 24
 
 
 def test_the_sampler_follows_a_spawned_process_tree() -> None:
