@@ -3,7 +3,8 @@ those rows into the part-file writer (jobs.commit), watching for signals and sta
 
     work manifest (Parquet, URIs)  --read_work_files, small blocks-->
     prepare_images (CPU tasks: read, decode, resize)  -->
-    Segmenter (actor pool: the model, post-processing, RLE)  --blocks of rows-->  the driver
+    Segmenter (actor pool: the model, post-processing, the compact form on its device)  -->
+    encode_rows (CPU tasks: RLE, statistics, output rows)  --blocks of rows-->  the driver
 
 Also what the cluster's resources mean for that pipeline: which device the actors get, what it cannot
 run, and why a run that stopped making progress stopped.
@@ -26,6 +27,7 @@ from m2f.jobs.progress import Progress
 from m2f.jobs.resume import WORK_FILE_ROWS, WorkPlan, read_work_files
 from m2f.model.config import PreprocessConfig
 from m2f.pipeline.infer import Segmenter, prepare_images
+from m2f.pipeline.rows import encode_rows
 from m2f.pipeline.schema import STATUS_OK
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
 PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
+ENCODE_SHARE = 0.25  # of the CPUs the actors leave, what the encode stage may hold at once (see encode_concurrency)
 # Ray Data's object-store budget for the run, in units of the largest block one task makes: Ray Data shares
 # its budget among the operators (half reserved, a quarter of that for each operator's tasks), and an
 # operator whose next task's output would not fit its share never starts it: below ~16 blocks a run
@@ -92,7 +95,7 @@ def explain_stall(seconds: float, config: SegmentConfig, device: str) -> str:
     if free_cpus < 1:
         return text + (
             f": the cluster ({nodes} node(s)) has {free_cpus:g} of {cpus:g} CPUs free, too few for the prepare "
-            f"stage (1 CPU a task) beside {config.actors} model actor(s) x {config.cpus_per_actor:g} CPUs; "
+            f"and encode stages (1 CPU a task) beside {config.actors} model actor(s) x {config.cpus_per_actor:g} CPUs; "
             "a node may have been lost: add one, or lower --actors"
         )
     if device == "cuda" and total.get("GPU", 0.0) < config.gpus_per_actor:
@@ -150,6 +153,20 @@ def prepare_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
     return max(1, int(cluster_cpus - config.actors * config.cpus_per_actor))
 
 
+def encode_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
+    """How many encode tasks may run at once: a quarter of the CPUs the model actors leave (at least one).
+
+    Encoding competes with the prepare stage for those CPUs and needs fewer of them: per COCO-size image,
+    read + decode + resize cost ~13 core-ms, RLE + statistics + row ~1-2 (panoptic, semantic) to ~8
+    (instance, 100 masks) from the compact form (`python -m bench.budget`, bench/NOTES.md). Both caps are
+    upper bounds on 1-CPU tasks, and Ray never runs more tasks than there are CPUs, so the two stages
+    share the CPUs rather than oversubscribe them; Ray Data hands a freed CPU to the stage whose output
+    is waiting least, and the cap keeps a burst of actor output from taking every CPU from prepare, which
+    would starve the actors of input.
+    """
+    return max(1, int(prepare_concurrency(cluster_cpus, config) * ENCODE_SHARE))
+
+
 def build_dataset(
     config: SegmentConfig,
     plan: WorkPlan,
@@ -160,7 +177,7 @@ def build_dataset(
     run_id: str,
     cluster_cpus: float,
 ) -> Any:
-    """The Ray Data pipeline over the work manifest, up to the model actors' output rows (not executed)."""
+    """The Ray Data pipeline over the work manifest, up to the output rows (not executed)."""
     import ray.data
 
     _quiet_ray_data()
@@ -193,7 +210,7 @@ def build_dataset(
         compute=ray.data.TaskPoolStrategy(size=prepare_concurrency(cluster_cpus, config)),
     )
     gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
-    return ds.map_batches(
+    ds = ds.map_batches(
         Segmenter,
         batch_size=config.batch_size * ACTOR_BATCHES,
         batch_format="numpy",
@@ -212,6 +229,16 @@ def build_dataset(
             "num_threads": max(1, int(config.cpus_per_actor)),
         },
         **gpu,
+    )
+    # The actors hand over compact rows (an id map or packed crops per image); encoding them is CPU work
+    # that would otherwise hold the accelerator back. One actor output block (a few forward batches) per
+    # task: no re-batching, and an actor pool is never fused with the task stage after it.
+    return ds.map_batches(
+        encode_rows,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=encode_concurrency(cluster_cpus, config)),
     )
 
 
