@@ -260,8 +260,9 @@ def test_rows_to_table_is_strict() -> None:
         error_row("/x.jpg", "", task="semantic", model="m", run_id="r")
 
 
+@pytest.mark.parametrize("scan_below", [0.0, 1.01])  # every crop pasted into a full mask / every one scanned
 @pytest.mark.parametrize("seed", range(40))
-def test_rles_from_id_maps_and_crops_are_pycocotools_bytes(seed: int) -> None:
+def test_rles_from_id_maps_and_crops_are_pycocotools_bytes(seed: int, scan_below: float) -> None:
     """Run-length encoding from an id map or from box crops gives the bytes `mask_utils.encode` gives for
     the full masks: random maps and masks, full-height strips whose runs join across columns, whole images."""
     rng = np.random.default_rng(seed)
@@ -282,7 +283,9 @@ def test_rles_from_id_maps_and_crops_are_pycocotools_bytes(seed: int) -> None:
         y0, x0, y1, x1 = rows[0], cols[0], rows[-1] + 1, cols[-1] + 1
         boxes.append((y0, x0, y1, x1))
         crops.append(m[y0:y1, x0:x1])
-    for m, rle in zip(masks, rles_from_crops(crops, np.array(boxes).reshape(-1, 4), h, w), strict=True):
+    for m, rle in zip(
+        masks, rles_from_crops(crops, np.array(boxes).reshape(-1, 4), h, w, scan_below=scan_below), strict=True
+    ):
         assert rle == mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
 
 
