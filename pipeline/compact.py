@@ -85,36 +85,44 @@ def compact(task: str, segments: Segments, score_threshold: float) -> Prediction
     masks = segments.masks  # (N, H, W) bool, on the device
     h, w = masks.shape[-2:]
     keep = segments.scores >= score_threshold  # compared in float32, as numpy compares a float32 array
+    bytes_ = masks.view(torch.uint8)  # amax on uint8 is ~15x faster than `any` on bool on a CPU
     if task == "instance":
-        keep &= masks.flatten(1).any(1)  # an empty mask at the output size is no instance
+        rows = bytes_.amax(2)  # (N, H): 1 where a row of the mask is set
+        keep &= rows.amax(1) > 0  # an empty mask at the output size is no instance
     kept = keep.nonzero().flatten()  # (n,)
     n = kept.numel()
     labels, scores = segments.labels[kept], segments.scores[kept]
     if task == "instance":
-        boxes = mask_boxes(masks[kept])  # (n, 4)
-        boxes_cpu = boxes.cpu()  # the crops' sizes decide the packed layout: one small copy first
-        bits = pack_crops(masks[kept], boxes_cpu)
+        if n < len(keep):
+            bytes_, rows = bytes_.index_select(0, kept), rows.index_select(0, kept)  # (n, H, W), (n, H)
+        boxes = _boxes(rows, bytes_.amax(1)).cpu()  # (n, 4): the crops' sizes decide the packed layout
+        bits = pack_crops(bytes_.view(torch.bool), boxes)
         return Prediction(
-            task, labels.cpu().numpy(), scores.cpu().numpy(), h, w, boxes=boxes_cpu.numpy(), bits=bits.cpu().numpy()
+            task, labels.cpu().numpy(), scores.cpu().numpy(), h, w, boxes=boxes.numpy(), bits=bits.cpu().numpy()
         )
     dtype = id_map_dtype(n)
     lookup = torch.zeros(len(keep) + 1, dtype=dtype, device=masks.device)  # old id -> new id, 0 stays 0
     lookup[kept + 1] = torch.arange(1, n + 1, device=masks.device).to(dtype)
     if segments.panoptic is not None:
-        old = segments.panoptic.long()  # (H, W): 0 = void, i+1 = segment i
-    else:  # disjoint masks: the one that covers a pixel, + 1, or 0 where none does
-        covered = masks.any(0)  # (H, W)
-        old = torch.where(covered, masks.view(torch.uint8).argmax(0) + 1, 0) if len(masks) else covered.long()
-    id_map = lookup[old]  # (H, W) in `dtype`
+        old = segments.panoptic  # (H, W): 0 = void, i+1 = segment i
+    else:  # disjoint masks: the id of the one that covers a pixel, or 0 where none does
+        old_dtype = id_map_dtype(len(keep))
+        ids = torch.arange(1, len(keep) + 1, device=masks.device).to(old_dtype)
+        old = (bytes_.to(old_dtype) * ids[:, None, None]).sum(0, dtype=old_dtype)  # (H, W)
+    id_map = lookup[old.long()]  # (H, W) in `dtype`
     return Prediction(task, labels.cpu().numpy(), scores.cpu().numpy(), h, w, id_map=id_map.cpu().numpy())
 
 
 def mask_boxes(masks: Tensor) -> Tensor:
     """masks (N, H, W) bool, none empty -> (N, 4) int32 boxes y0, x0, y1, x1 (end exclusive), on their device."""
-    rows = masks.any(2).view(torch.uint8)  # (N, H)
-    cols = masks.any(1).view(torch.uint8)  # (N, W)
-    h, w = masks.shape[-2:]
-    y0, x0 = rows.argmax(1), cols.argmax(1)  # first set row / column
+    bytes_ = masks.view(torch.uint8)
+    return _boxes(bytes_.amax(2), bytes_.amax(1))
+
+
+def _boxes(rows: Tensor, cols: Tensor) -> Tensor:
+    """rows (N, H), cols (N, W) uint8, 1 where a mask's row / column is set -> (N, 4) int32 boxes."""
+    h, w = rows.shape[1], cols.shape[1]
+    y0, x0 = rows.argmax(1), cols.argmax(1)  # the first set row / column
     y1, x1 = h - rows.flip(1).argmax(1), w - cols.flip(1).argmax(1)  # one past the last
     return torch.stack([y0, x0, y1, x1], dim=1).to(torch.int32)
 
