@@ -197,12 +197,13 @@ def test_id_maps_take_the_smallest_dtype_and_round_trip() -> None:
     np.testing.assert_array_equal(panoptic.panoptic, owner.numpy())
 
 
-def test_pack_crops_is_np_packbits() -> None:
+@pytest.mark.parametrize("use_numpy", [False, True])  # the torch ops a GPU runs, numpy's on a CPU
+def test_pack_crops_is_np_packbits(use_numpy: bool) -> None:
     masks = torch.rand(5, 23, 19, generator=torch.Generator().manual_seed(0)) > 0.6  # (N, H, W)
     boxes = torch.tensor(
         [[0, 0, 23, 19], [3, 4, 9, 5], [22, 18, 23, 19], [1, 2, 4, 17], [5, 0, 6, 19]], dtype=torch.int32
     )
-    bits = pack_crops(masks, boxes).numpy()
+    bits = pack_crops(masks, boxes, use_numpy=use_numpy).numpy()
     crops = [masks[i, y0:y1, x0:x1].numpy() for i, (y0, x0, y1, x1) in enumerate(boxes.tolist())]
     np.testing.assert_array_equal(bits, np.concatenate([np.packbits(c.ravel()) for c in crops]))
     for got, want in zip(unpack_crops(boxes.numpy(), bits), crops, strict=True):
