@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
 PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
-ENCODE_SHARE = 0.25  # of the CPUs the actors leave, what the encode stage may hold at once (see encode_concurrency)
+ENCODE_SHARE = 0.5  # of the CPUs the actors leave, what the encode stage may hold at once (see encode_concurrency)
 # Ray Data's object-store budget for the run, in units of the largest block one task makes: Ray Data shares
 # its budget among the operators (half reserved, a quarter of that for each operator's tasks), and an
 # operator whose next task's output would not fit its share never starts it: below ~16 blocks a run
@@ -154,15 +154,16 @@ def prepare_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
 
 
 def encode_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
-    """How many encode tasks may run at once: a quarter of the CPUs the model actors leave (at least one).
+    """How many encode tasks may run at once: half the CPUs the model actors leave (at least one).
 
-    Encoding competes with the prepare stage for those CPUs and needs fewer of them: per COCO-size image,
-    read + decode + resize cost ~13 core-ms, RLE + statistics + row ~1-2 (panoptic, semantic) to ~8
-    (instance, 100 masks) from the compact form (`python -m bench.budget`, bench/NOTES.md). Both caps are
-    upper bounds on 1-CPU tasks, and Ray never runs more tasks than there are CPUs, so the two stages
-    share the CPUs rather than oversubscribe them; Ray Data hands a freed CPU to the stage whose output
-    is waiting least, and the cap keeps a burst of actor output from taking every CPU from prepare, which
-    would starve the actors of input.
+    Encoding competes with the prepare stage for those CPUs: per COCO-size image, read + decode + resize
+    cost ~10.5 core-ms, RLE + statistics + row from the compact form ~1.1 (panoptic, semantic) to ~7.7
+    (instance, 100 masks) (`python -m bench.budget`, bench/NOTES.md). Half is what instance output needs
+    at 500 images/s on a 16-core node with one GPU actor: 7 tasks encode ~900 images/s, where a quarter
+    (3 tasks, ~390 images/s) would bound the run. Both caps are upper bounds on 1-CPU tasks, and Ray never
+    runs more tasks than there are CPUs, so the two stages share the CPUs rather than oversubscribe them;
+    panoptic output leaves most encode slots idle. The cap keeps a burst of actor output from taking every
+    CPU from prepare, which would starve the actors of input.
     """
     return max(1, int(prepare_concurrency(cluster_cpus, config) * ENCODE_SHARE))
 
