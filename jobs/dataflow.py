@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
 PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
-ENCODE_SHARE = 0.5  # of the CPUs the actors leave, what the encode stage may hold at once (see encode_concurrency)
+ENCODE_CPUS = 0  # per encode task: a CPU each, it waited for the prepare stage to finish (see encode_concurrency)
+ENCODE_SHARE = 0.5  # encode tasks at once, per CPU the actors leave (see encode_concurrency)
 # Ray Data's object-store budget for the run, in units of the largest block one task makes: Ray Data shares
 # its budget among the operators (half reserved, a quarter of that for each operator's tasks), and an
 # operator whose next task's output would not fit its share never starts it: below ~16 blocks a run
@@ -156,14 +157,15 @@ def prepare_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
 def encode_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
     """How many encode tasks may run at once: half the CPUs the model actors leave (at least one).
 
-    Encoding competes with the prepare stage for those CPUs: per COCO-size image, read + decode + resize
-    cost ~10.5 core-ms, RLE + statistics + row from the compact form ~1.1 (panoptic, semantic) to ~7.7
-    (instance, 100 masks) (`python -m bench.budget`, bench/NOTES.md). Half is what instance output needs
-    at 500 images/s on a 16-core node with one GPU actor: 7 tasks encode ~900 images/s, where a quarter
-    (3 tasks, ~390 images/s) would bound the run. Both caps are upper bounds on 1-CPU tasks, and Ray never
-    runs more tasks than there are CPUs, so the two stages share the CPUs rather than oversubscribe them;
-    panoptic output leaves most encode slots idle. The cap keeps a burst of actor output from taking every
-    CPU from prepare, which would starve the actors of input.
+    The encode tasks ask for no CPU (ENCODE_CPUS): with one CPU each they got none while the prepare stage
+    had images left to read (Ray Data ranked it first, and its tasks took every free CPU), so no row reached
+    the driver until every image had been prepared (measured, 200 images on 2 CPUs: the first encode task
+    started as the prepare stage ended, 12 s in; with 0 CPUs, with the actor's first output). This cap is
+    then what bounds their CPU use. Per COCO-size image, read + decode + resize cost ~10.5 core-ms, RLE +
+    statistics + row from the compact form ~1.1 (panoptic, semantic) to ~7.7 (instance, 100 masks)
+    (`python -m bench.budget`, bench/NOTES.md). Half is what instance output needs at 500 images/s on a
+    16-core node with one GPU actor (7 tasks encode ~900 images/s; a quarter, 3 tasks, would bound the run
+    at ~390), and panoptic output leaves most of those slots idle.
     """
     return max(1, int(prepare_concurrency(cluster_cpus, config) * ENCODE_SHARE))
 
@@ -238,7 +240,7 @@ def build_dataset(
         encode_rows,
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=1,
+        num_cpus=ENCODE_CPUS,
         compute=ray.data.TaskPoolStrategy(size=encode_concurrency(cluster_cpus, config)),
     )
 
