@@ -4,9 +4,12 @@
 
 What one image costs in CPU time (`time.process_time`, one thread: core-milliseconds) in each stage that
 `m2f segment` runs besides the forward pass: read + decode (a 640x480 JPEG, as COCO's), resize to the
-800-pixel short side + normalise (the R50 COCO preprocessing), device -> host (nothing on a CPU-only
-machine: reported as 0 and said so), RLE encoding + statistics of the task's masks at the output size,
-and building the row + writing it to Parquet (amortised over a 512-row part file). The masks are shaped
+800-pixel short side + normalise (the R50 COCO preprocessing), the compact form the model actor hands
+over (built on the model's device: timed here on the CPU, left out of the total feeding a GPU),
+device -> host (nothing on a CPU-only machine: reported as 0, with the bytes that would cross: the compact
+form against the full masks it replaces), RLE encoding + statistics + the row from the compact form (the
+encode stage, `pipeline.rows.encode_row`; the full masks' `encode_segments` beside it for comparison),
+and writing the row to Parquet (amortised over a 512-row part file). The masks are shaped
 as a COCO model's output: panoptic, 20 segments tiling the image; semantic, 20 classes tiling it;
 instance, 100 overlapping masks before the 0.5 score threshold (`--instance-kept` of them survive it).
 
@@ -92,11 +95,14 @@ def bench(images: int, repeats: int, instance_kept: int, seed: int, workdir: Pat
     import torch
 
     from m2f.model.config import PreprocessConfig
+    from m2f.model.postprocess import Segments
     from m2f.model.preprocess import resize_image, to_batch
+    from m2f.pipeline.compact import compact
     from m2f.pipeline.decode import decode_image
     from m2f.pipeline.encode import encode_segments, image_stats
     from m2f.pipeline.output import parquet_bytes
-    from m2f.pipeline.schema import ok_row, rows_to_table
+    from m2f.pipeline.rows import compact_row, encode_row
+    from m2f.pipeline.schema import rows_to_table
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
@@ -115,29 +121,36 @@ def bench(images: int, repeats: int, instance_kept: int, seed: int, workdir: Pat
 
     results: dict[str, Any] = {"images": images, "repeats": repeats, "instance_kept": instance_kept, "tasks": {}}
     for task in TASKS:
-        encode_ms, rows = [], []
+        encode_ms, full_ms, compact_ms, rows = [], [], [], []
+        full_bytes, compact_bytes = [], []
         for k in range(images):
             masks, labels, scores = _masks(task, rng, instance_kept)
+            semantic = task == "semantic"
 
-            def encode(masks=masks, labels=labels, scores=scores, semantic=task == "semantic") -> tuple[list, dict]:
+            def encode_full(masks=masks, labels=labels, scores=scores, semantic=semantic) -> None:
                 segments = encode_segments(masks, labels, scores, class_names=class_names, is_thing=is_thing)
-                return segments, image_stats(segments, HEIGHT, WIDTH, semantic=semantic)
+                image_stats(segments, HEIGHT, WIDTH, semantic=semantic)
 
-            ms, (segments, stats) = _cpu_ms(encode, repeats)
-            encode_ms.append(ms)
-            rows.append(
-                ok_row(
-                    f"s3://bucket/coco/{k:012d}.jpg",
-                    width=WIDTH,
-                    height=HEIGHT,
-                    segments=segments,
-                    stats=stats,
-                    inference_ms=1.0,
-                    task=task,
-                    model="bench",
-                    run_id="bench",
-                )
+            full_ms.append(_cpu_ms(encode_full, repeats)[0])
+            tensors = [torch.from_numpy(masks), torch.from_numpy(labels), torch.from_numpy(scores)]
+            if task == "panoptic":  # post-processing's own id map: 0 = void, i+1 = segment i
+                tensors.append(torch.from_numpy((masks * np.arange(1, len(masks) + 1)[:, None, None]).sum(0)).int())
+            segments = Segments(*tensors)
+            ms, prediction = _cpu_ms(lambda s=segments, t=task: compact(t, s, 0.0), repeats)
+            compact_ms.append(ms)
+            full_bytes.append(masks.nbytes + labels.nbytes + scores.nbytes)  # what `_to_numpy` copied
+            sent = prediction.id_map if prediction.id_map is not None else prediction.bits
+            extra = 0 if prediction.boxes is None else prediction.boxes.nbytes
+            compact_bytes.append(sent.nbytes + extra + prediction.labels.nbytes + prediction.scores.nbytes)
+            names = [class_names[i] for i in prediction.labels.tolist()]
+            things = [is_thing[i] for i in prediction.labels.tolist()]
+            kw = {"model": "bench", "run_id": "bench", "inference_ms": 1.0, "source_bytes": None}
+            row = compact_row(
+                f"s3://bucket/coco/{k:012d}.jpg", prediction, (prediction.labels.tolist(), names, things), **kw
             )
+            ms, out = _cpu_ms(lambda r=row: encode_row(r), repeats)
+            encode_ms.append(ms)
+            rows.append(out)
         copies = max(1, ROWS_PER_FILE // len(rows))
         batch = (rows * copies)[:ROWS_PER_FILE]
         write_ms, _ = _cpu_ms(lambda b=batch: parquet_bytes(rows_to_table(b)), repeats)
@@ -145,22 +158,26 @@ def bench(images: int, repeats: int, instance_kept: int, seed: int, workdir: Pat
             "read + decode": median(common["read + decode"]),
             "resize": median(common["resize"]),
             "normalise + pad": median(common["normalise + pad"]),
+            "compact (device)": median(compact_ms),
             "device -> host": 0.0,
-            "encode + statistics": median(encode_ms),
-            "row + Parquet write": write_ms / len(batch),
+            "encode + statistics + row": median(encode_ms),
+            "Parquet write": write_ms / len(batch),
         }
-        total = sum(stages.values()) - stages["normalise + pad"]  # the model's device does that with a GPU
+        on_device = stages["normalise + pad"] + stages["compact (device)"]  # the GPU's work, with one
         results["tasks"][task] = {
             "stages_core_ms": stages,
-            "total_core_ms": total,
+            "total_core_ms": sum(stages.values()) - on_device,
             "total_core_ms_cpu_only": sum(stages.values()),
             "target_core_ms": TARGETS_MS[task],
-            "images_per_s_16_cores": NODE_CORES * 1000 / total,
+            "images_per_s_16_cores": NODE_CORES * 1000 / (sum(stages.values()) - on_device),
+            "encode_full_masks_core_ms": median(full_ms),  # encode_segments + image_stats, as the actor did
+            "device_to_host_bytes": {"full_masks": median(full_bytes), "compact": median(compact_bytes)},
         }
     results["note"] = (
-        "normalise + pad runs on the model's device (the uint8 pixels travel, then the GPU does the float work), "
-        "so the total feeding a GPU leaves it out; a CPU-only run pays it too (total_core_ms_cpu_only). "
-        "device -> host is 0 here, with no GPU; on one it is the copy of the masks kept."
+        "normalise + pad and the compact form run on the model's device (the uint8 pixels travel, then the GPU "
+        "does the float work; the masks are compacted before they travel back), so the total feeding a GPU "
+        "leaves them out; a CPU-only run pays them too (total_core_ms_cpu_only). device -> host is 0 here, "
+        "with no GPU; on one it is the copy of the compact form (device_to_host_bytes)."
     )
     return results
 
@@ -173,6 +190,15 @@ def tables(result: dict[str, Any]) -> str:
     rows.append(["total feeding a GPU, core-ms / image", *[result["tasks"][t]["total_core_ms"] for t in TASKS]])
     rows.append(["total on a CPU-only node", *[result["tasks"][t]["total_core_ms_cpu_only"] for t in TASKS]])
     rows.append(["target", *[result["tasks"][t]["target_core_ms"] for t in TASKS]])
+    rows.append(
+        [
+            "encode + statistics from full masks (before)",
+            *[result["tasks"][t]["encode_full_masks_core_ms"] for t in TASKS],
+        ]
+    )
+    for form in ("full_masks", "compact"):
+        label = f"device -> host KiB / image, {form.replace('_', ' ')}"
+        rows.append([label, *[result["tasks"][t]["device_to_host_bytes"][form] / 1024 for t in TASKS]])
     rows.append(
         [f"images/s one {NODE_CORES}-core node feeds", *[result["tasks"][t]["images_per_s_16_cores"] for t in TASKS]]
     )

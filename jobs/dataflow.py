@@ -3,7 +3,8 @@ those rows into the part-file writer (jobs.commit), watching for signals and sta
 
     work manifest (Parquet, URIs)  --read_work_files, small blocks-->
     prepare_images (CPU tasks: read, decode, resize)  -->
-    Segmenter (actor pool: the model, post-processing, RLE)  --blocks of rows-->  the driver
+    Segmenter (actor pool: the model, post-processing, the compact form on its device)  -->
+    encode_rows (CPU tasks: RLE, statistics, output rows)  --blocks of rows-->  the driver
 
 Also what the cluster's resources mean for that pipeline: which device the actors get, what it cannot
 run, and why a run that stopped making progress stopped.
@@ -26,6 +27,7 @@ from m2f.jobs.progress import Progress
 from m2f.jobs.resume import WORK_FILE_ROWS, WorkPlan, read_work_files
 from m2f.model.config import PreprocessConfig
 from m2f.pipeline.infer import Segmenter, prepare_images
+from m2f.pipeline.rows import encode_rows
 from m2f.pipeline.schema import STATUS_OK
 
 if TYPE_CHECKING:
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
 PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
+ENCODE_CPUS = 0  # per encode task: none (with one CPU each they waited for the prepare stage; see encode_concurrency)
+ENCODE_SHARE = 0.5  # encode tasks at once, per CPU the actors leave (see encode_concurrency)
 # Ray Data's object-store budget for the run, in units of the largest block one task makes: Ray Data shares
 # its budget among the operators (half reserved, a quarter of that for each operator's tasks), and an
 # operator whose next task's output would not fit its share never starts it: below ~16 blocks a run
@@ -92,7 +96,7 @@ def explain_stall(seconds: float, config: SegmentConfig, device: str) -> str:
     if free_cpus < 1:
         return text + (
             f": the cluster ({nodes} node(s)) has {free_cpus:g} of {cpus:g} CPUs free, too few for the prepare "
-            f"stage (1 CPU a task) beside {config.actors} model actor(s) x {config.cpus_per_actor:g} CPUs; "
+            f"and encode stages (1 CPU a task) beside {config.actors} model actor(s) x {config.cpus_per_actor:g} CPUs; "
             "a node may have been lost: add one, or lower --actors"
         )
     if device == "cuda" and total.get("GPU", 0.0) < config.gpus_per_actor:
@@ -170,6 +174,22 @@ def model_actor_pool(actors: int) -> Any:
     return ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors)
 
 
+def encode_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
+    """How many encode tasks may run at once: half the CPUs the model actors leave (at least one).
+
+    The encode tasks ask for no CPU (ENCODE_CPUS): with one CPU each they got none while the prepare stage
+    had images left to read (Ray Data ranked it first, and its tasks took every free CPU), so no row reached
+    the driver until every image had been prepared (measured, 200 images on 2 CPUs: the first encode task
+    started as the prepare stage ended, 12 s in; with 0 CPUs, with the actor's first output). This cap is
+    then what bounds their CPU use. Per COCO-size image, read + decode + resize cost ~10.5 core-ms, RLE +
+    statistics + row from the compact form ~1.1 (panoptic, semantic) to ~7.7 (instance, 100 masks)
+    (`python -m bench.budget`, bench/NOTES.md). Half is what instance output needs at 500 images/s on a
+    16-core node with one GPU actor (7 tasks encode ~900 images/s; a quarter, 3 tasks, would bound the run
+    at ~390), and panoptic output leaves most of those slots idle.
+    """
+    return max(1, int(prepare_concurrency(cluster_cpus, config) * ENCODE_SHARE))
+
+
 def build_dataset(
     config: SegmentConfig,
     plan: WorkPlan,
@@ -180,7 +200,7 @@ def build_dataset(
     run_id: str,
     cluster_cpus: float,
 ) -> Any:
-    """The Ray Data pipeline over the work manifest, up to the model actors' output rows (not executed)."""
+    """The Ray Data pipeline over the work manifest, up to the output rows (not executed)."""
     import ray.data
 
     _quiet_ray_data()
@@ -213,7 +233,7 @@ def build_dataset(
         compute=ray.data.TaskPoolStrategy(size=prepare_concurrency(cluster_cpus, config)),
     )
     gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
-    return ds.map_batches(
+    ds = ds.map_batches(
         Segmenter,
         batch_size=config.batch_size * ACTOR_BATCHES,
         batch_format="numpy",
@@ -232,6 +252,16 @@ def build_dataset(
             "num_threads": max(1, int(config.cpus_per_actor)),
         },
         **gpu,
+    )
+    # The actors hand over compact rows (an id map or packed crops per image); encoding them is CPU work
+    # that would otherwise hold the accelerator back. One actor output block (a few forward batches) per
+    # task: no re-batching, and an actor pool is never fused with the task stage after it.
+    return ds.map_batches(
+        encode_rows,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=ENCODE_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=encode_concurrency(cluster_cpus, config)),
     )
 
 

@@ -1,11 +1,12 @@
-"""The two stages around the model: `prepare_images` (CPU tasks) and `Segmenter` (the model actor).
+"""The two stages up to the model: `prepare_images` (CPU tasks) and `Segmenter` (the model actor).
 
 `prepare_images` reads each listed URI, decodes it (`decode_image`) and resizes it by the model's
-preprocessing rule; `Segmenter` batches equal padded sizes through the network and turns its output into
-OUTPUT_SCHEMA rows. Both take and return plain batches, so they run and test without Ray.
+preprocessing rule; `Segmenter` batches equal padded sizes through the network and hands each image's
+segments on in the compact form (COMPACT_SCHEMA rows, `pipeline.rows`), which `encode_rows`, a CPU stage
+after it, turns into OUTPUT_SCHEMA rows. All take and return plain batches, so they run and test without Ray.
 
-Between the two stages a row is one listed image, laid out as WORK_SCHEMA. A file that cannot be read
-or decoded travels on as a row with status "error" and its reason; the Segmenter turns it into the
+Between the first two stages a row is one listed image, laid out as WORK_SCHEMA. A file that cannot be
+read or decoded travels on as a row with status "error" and its reason; the Segmenter passes it on as the
 image's error row untouched. Nothing in a batch raises for one bad input.
 """
 
@@ -24,7 +25,8 @@ from m2f.model.config import PreprocessConfig
 from m2f.model.preprocess import resize_image
 from m2f.pipeline.decode import DecodeError, decode_image
 from m2f.pipeline.predictor import Prediction, Predictor, autocast_dtype
-from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
+from m2f.pipeline.rows import compact_error_row, compact_row, compact_table
+from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, describe
 from m2f.pipeline.secrets import scrub, secret_values
 from m2f.pipeline.storage import Storage, open_fs, protocol_of, with_retries
 
@@ -45,11 +47,6 @@ WORK_SCHEMA = pa.schema(
 )
 
 READ_THREADS = 8  # concurrent reads per prepare task: object-store GETs wait on the network, not the CPU
-
-
-def describe(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --- prepare: read, decode, resize ----------------------------------------------------------------
@@ -128,14 +125,15 @@ def _prepare_one(
 
 
 class Segmenter:
-    """The model actor: loads the checkpoint once, then turns WORK_SCHEMA batches into output rows.
+    """The model actor: loads the checkpoint once, then turns WORK_SCHEMA batches into compact rows.
 
     `__call__(batch)` takes the prepared rows as numpy columns (Ray's "numpy" batch format, or any
-    mapping of sequences) and returns a pyarrow Table with exactly OUTPUT_SCHEMA, one row per input row
+    mapping of sequences) and returns a pyarrow Table with exactly COMPACT_SCHEMA, one row per input row
     in input order. Images are grouped by padded size into forward passes of at most `batch_size`
     (padding changes predictions, so a group never mixes sizes); a group that fails is retried image
     by image, and an image that still fails becomes an error row. The image -> segments work itself is
-    the `Predictor`'s; this class only unpacks batches and builds rows.
+    the `Predictor`'s, up to the compact form on the device; RLE encoding, statistics and the output row
+    are `pipeline.rows.encode_rows`', in CPU tasks, so that they never hold the accelerator back.
     """
 
     def __init__(
@@ -185,7 +183,7 @@ class Segmenter:
             members = [todo[g] for g in group]
             for i, row in zip(members, self._segment_group(batch, members, [images[g] for g in group]), strict=True):
                 rows[i] = row
-        return rows_to_table(rows)
+        return compact_table(rows)
 
     def _segment_group(self, batch: Mapping[str, Sequence[Any]], members: list[int], images: list[np.ndarray]):
         """Rows for one group of equal padded size; on failure, each image alone."""
@@ -213,27 +211,18 @@ class Segmenter:
     def _ok(
         self, batch: Mapping[str, Sequence[Any]], i: int, prediction: Prediction, inference_ms: float
     ) -> dict[str, Any]:
-        height, width = int(batch["height"][i]), int(batch["width"][i])
-        try:
-            segments = self.predictor.encode(prediction)
-            stats = self.predictor.stats(segments, height, width)
-        except Exception as e:
-            return self._error(batch, i, f"encoding failed: {scrub(describe(e), self.secrets)}")
-        return ok_row(
+        return compact_row(
             str(batch["image_uri"][i]),
-            width=width,
-            height=height,
-            segments=segments,
-            stats=stats,
-            inference_ms=inference_ms,
-            task=self.task,
+            prediction,
+            self.predictor.classes(prediction),
             model=self.model_name,
             run_id=self.run_id,
+            inference_ms=inference_ms,
             source_bytes=_source_bytes(batch, i),
         )
 
     def _error(self, batch: Mapping[str, Sequence[Any]], i: int, reason: str) -> dict[str, Any]:
-        return error_row(
+        return compact_error_row(
             str(batch["image_uri"][i]),
             reason,
             task=self.task,

@@ -2,7 +2,9 @@
 
 `Predictor(net, task=...)` owns everything between pixels and segment dicts: the model's test-time
 resize, normalisation and padding, the forward pass (under autocast for bf16/fp16), the configured
-task's post-processing and the conversion to the rows' `segments` (COCO RLE, score threshold). Batch
+task's post-processing, the compact form the device hands to the host (`pipeline.compact`: an id map or
+box-cropped packed masks, without segments below the score threshold) and the conversion to the rows'
+`segments` (COCO RLE). Batch
 plumbing (Ray batches, error rows, retries) stays with its callers, so the numbers a user gets from
 `Predictor(net)(image)` are the ones `m2f segment` writes.
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,9 +29,12 @@ import torch
 
 from m2f.model.config import TASKS
 from m2f.model.mask2former import Mask2Former
-from m2f.model.postprocess import Segments, postprocess
+from m2f.model.postprocess import postprocess
 from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
-from m2f.pipeline.encode import encode_segments, image_stats
+from m2f.pipeline.compact import Prediction, compact
+from m2f.pipeline.encode import image_stats, segment_dicts
+
+__all__ = ["Prediction", "Predictor", "autocast_dtype", "default_score_threshold"]
 
 INSTANCE_SCORE_THRESHOLD = 0.5  # detectron2's demo and Hugging Face's pipeline keep instances scoring >= 0.5
 
@@ -54,17 +58,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return PRECISIONS[precision]
-
-
-@dataclass
-class Prediction:
-    """One image's post-processed output at its original size, on the CPU."""
-
-    task: str
-    masks: np.ndarray  # (N, H, W) bool
-    labels: np.ndarray  # (N,) int64, contiguous class index
-    scores: np.ndarray  # (N,) float32
-    panoptic: np.ndarray | None = None  # (H, W) int32 id map (panoptic): 0 = void, i+1 = segment i
 
 
 class Predictor:
@@ -132,7 +125,8 @@ class Predictor:
 
     def predict(self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
         """Resized images (h, w, 3) of one padded size -> the configured task's prediction per image, at
-        `output_sizes` (each image's original (H, W))."""
+        `output_sizes` (each image's original (H, W)), compact, without segments scoring below
+        `score_threshold` (nor instances whose mask is empty at that size)."""
         return [by_task[self.task] for by_task in self.predict_tasks(images, output_sizes, (self.task,))]
 
     def predict_tasks(
@@ -155,27 +149,25 @@ class Predictor:
                 )
                 for task in tasks
             }
+            # Compacted on the model's device: only id maps or packed crops are copied to the host.
             return [
-                {task: _to_numpy(task, results[i]) for task, results in per_task.items()} for i in range(len(images))
+                {task: compact(task, results[i], self.score_threshold) for task, results in per_task.items()}
+                for i in range(len(images))
             ]
 
     def encode(self, prediction: Prediction) -> list[dict[str, Any]]:
-        """A prediction -> segment dicts (COCO RLE), without those scoring below `score_threshold`.
+        """A prediction -> segment dicts (COCO RLE, area, bbox, class and score), ids 1..N in its order."""
+        return segment_dicts(prediction.rles(), *self.classes(prediction), prediction.scores)
 
-        An instance whose mask is empty at the output size is no instance, and is dropped too.
-        """
-        masks, scores = prediction.masks, prediction.scores
-        keep = scores >= self.score_threshold
-        if prediction.task == "instance":
-            keep &= masks.reshape(len(masks), -1).any(axis=1)
-        cfg = self.config
-        return encode_segments(
-            masks[keep],
-            prediction.labels[keep],
-            scores[keep],
-            class_names=cfg.class_names,
-            is_thing=cfg.is_thing,
-            category_ids=cfg.category_ids or None,
+    def classes(self, prediction: Prediction) -> tuple[list[int], list[str], list[bool]]:
+        """Per segment of `prediction`: its dataset category id, class name and whether it is a thing."""
+        labels, cfg = prediction.labels.tolist(), self.config
+        if labels and (min(labels) < 0 or max(labels) >= len(cfg.class_names)):
+            raise ValueError(f"labels must lie in [0, {len(cfg.class_names)}), got {min(labels)}..{max(labels)}")
+        return (
+            [int(cfg.category_id(label)) for label in labels],
+            [cfg.class_names[label] for label in labels],
+            [bool(cfg.is_thing[label]) for label in labels],
         )
 
     def stats(self, segments: Sequence[dict[str, Any]], height: int, width: int) -> dict[str, Any]:
@@ -186,12 +178,6 @@ class Predictor:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-
-def _to_numpy(task: str, segments: Segments) -> Prediction:
-    panoptic = None if segments.panoptic is None else segments.panoptic.cpu().numpy()
-    masks, labels, scores = (t.cpu().numpy() for t in (segments.masks, segments.labels, segments.scores))
-    return Prediction(task=task, masks=masks, labels=labels, scores=scores, panoptic=panoptic)
 
 
 def _as_rgb_array(image: Any) -> np.ndarray:

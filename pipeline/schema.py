@@ -97,6 +97,12 @@ def image_id(uri: str) -> str:
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
 
 
+def describe(e: BaseException) -> str:
+    """An exception as an error row's detail: its type and the first line of its message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC)
 

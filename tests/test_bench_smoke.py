@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from bench import budget, gpu, memory, scaleout
+from bench import actor, budget, gpu, memory, scaleout
 from bench import pipeline as pipeline_bench
 
 
@@ -179,8 +179,21 @@ def test_budget_bench_sums_its_stages_for_every_task(tmp_path) -> None:
     assert set(result["tasks"]) == set(budget.TASKS)
     for figures in result["tasks"].values():
         stages = figures["stages_core_ms"]
-        assert stages["read + decode"] > 0 and stages["resize"] > 0 and stages["encode + statistics"] > 0
+        assert stages["read + decode"] > 0 and stages["resize"] > 0 and stages["encode + statistics + row"] > 0
         assert figures["total_core_ms_cpu_only"] == pytest.approx(sum(stages.values()))
-        assert figures["total_core_ms"] == pytest.approx(sum(stages.values()) - stages["normalise + pad"])
+        on_device = stages["normalise + pad"] + stages["compact (device)"]
+        assert figures["total_core_ms"] == pytest.approx(sum(stages.values()) - on_device)
+        sent = figures["device_to_host_bytes"]
+        assert 0 < sent["compact"] < sent["full_masks"] and figures["encode_full_masks_core_ms"] > 0
         assert figures["images_per_s_16_cores"] == pytest.approx(16_000 / figures["total_core_ms"])
     assert "instance" in budget.tables(result)
+
+
+def test_actor_bench_times_the_three_designs_and_the_gil(tmp_path) -> None:
+    result = actor.bench(images=1, repeats=1, queries=8, batch=1, seed=0, workdir=tmp_path)
+    for figures in result["tasks"].values():
+        assert (
+            figures["actor now (compact on the device)"] > 0 and figures["encode stage from compact (a CPU task)"] > 0
+        )
+    assert all(g["serial_ms"] > 0 and g["two_threads_ms"] > 0 for g in result["gil"].values())
+    assert "thread pool" in actor.tables(result)

@@ -1,4 +1,5 @@
-"""encode_segments / image_stats against numpy references, and the output table end to end
+"""encode_segments / image_stats against numpy references, RLEs from id maps and crops against pycocotools'
+own encoder, and the output table end to end
 (rows -> Arrow with OUTPUT_SCHEMA -> Parquet -> DuckDB unnest -> pycocotools decode)."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from m2f.pipeline.encode import encode_segments, image_stats
+from m2f.pipeline.encode import encode_segments, image_stats, rles_from_crops, rles_from_id_map
 from m2f.pipeline.schema import (
     COLUMN_DOCS,
     OUTPUT_SCHEMA,
@@ -257,3 +258,39 @@ def test_rows_to_table_is_strict() -> None:
         rows_to_table([good | {"run_id": None}])
     with pytest.raises(ValueError, match="reason"):
         error_row("/x.jpg", "", task="semantic", model="m", run_id="r")
+
+
+@pytest.mark.parametrize("scan_below", [0.0, 1.01])  # every crop pasted into a full mask / every one scanned
+@pytest.mark.parametrize("seed", range(40))
+def test_rles_from_id_maps_and_crops_are_pycocotools_bytes(seed: int, scan_below: float) -> None:
+    """Run-length encoding from an id map or from box crops gives the bytes `mask_utils.encode` gives for
+    the full masks: random maps and masks, full-height strips whose runs join across columns, whole images."""
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(1, 24, size=2))
+    n = int(rng.integers(0, 7))
+    id_map = rng.integers(0, n + 1, size=(h, w)).astype(np.uint8)  # (H, W)
+    if seed % 3 == 0:
+        id_map = np.repeat(id_map[:, :1], w, axis=1)  # whole columns of one id
+    for i, rle in enumerate(rles_from_id_map(id_map, n)):
+        assert rle == mask_utils.encode(np.asfortranarray((id_map == i + 1).astype(np.uint8)))
+    masks = rng.random((n, h, w)) < rng.random()  # (N, H, W), overlapping
+    if seed % 4 == 0:
+        masks[:] = True
+    masks = [m for m in masks if m.any()]
+    boxes, crops = [], []
+    for m in masks:
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        y0, x0, y1, x1 = rows[0], cols[0], rows[-1] + 1, cols[-1] + 1
+        boxes.append((y0, x0, y1, x1))
+        crops.append(m[y0:y1, x0:x1])
+    for m, rle in zip(
+        masks, rles_from_crops(crops, np.array(boxes).reshape(-1, 4), h, w, scan_below=scan_below), strict=True
+    ):
+        assert rle == mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+
+
+def test_rles_from_compact_forms_refuse_what_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="expected"):
+        rles_from_id_map(np.full((2, 2), 3, np.uint8), 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        rles_from_crops([np.ones((2, 2), bool)], np.array([[0, 0, 2, 2]]), 1, 5)

@@ -1,5 +1,6 @@
-"""The stages around the model, without Ray: `prepare_images` (read, decode, resize) and the `Segmenter`
-actor class (grouping by padded size, error rows passed through, rows valid per OUTPUT_SCHEMA).
+"""The stages around the model, without Ray: `prepare_images` (read, decode, resize), the `Segmenter`
+actor class (grouping by padded size, error rows passed through) and `encode_rows` after it (rows valid
+per OUTPUT_SCHEMA).
 
 `tiny_model_file` is shared with the job tests: a random model small enough to run in milliseconds.
 """
@@ -23,6 +24,7 @@ from m2f.model.preprocess import padded_size, resize_image, resized_shape
 from m2f.pipeline.decode import decode_image
 from m2f.pipeline.infer import WORK_SCHEMA, Segmenter, model_label, prepare_images
 from m2f.pipeline.predictor import Predictor
+from m2f.pipeline.rows import COMPACT_SCHEMA, encode_rows
 from m2f.pipeline.schema import OUTPUT_SCHEMA, image_id
 from m2f.pipeline.secrets import scrub, secret_values
 from tests.conftest import TEST_SECRETS
@@ -118,7 +120,9 @@ def test_prepare_decodes_resizes_and_reports_errors(images: dict[str, str]) -> N
 
 
 def test_segmenter_rows_follow_the_schema_and_input_order(segmenter: Segmenter, images: dict[str, str]) -> None:
-    out = segmenter(as_numpy_batch(prepared(list(images.values()))))
+    compact = segmenter(as_numpy_batch(prepared(list(images.values()))))
+    assert compact.schema == COMPACT_SCHEMA
+    out = encode_rows(compact)
     assert out.schema == OUTPUT_SCHEMA
     rows = out.to_pylist()
     assert [r["image_uri"] for r in rows] == list(images.values())
@@ -148,7 +152,7 @@ def test_forward_passes_group_equal_padded_sizes(
     shapes: list[tuple[int, ...]] = []
     forward = segmenter.model.forward
     monkeypatch.setattr(segmenter.model, "forward", lambda x: (shapes.append(tuple(x.shape)), forward(x))[1])
-    rows = segmenter(batch).to_pylist()
+    rows = encode_rows(segmenter(batch)).to_pylist()
     assert [r["status"] for r in rows] == ["ok"] * 7
     # a and b share a padded size (64x85 -> 64x96); c is 85x64 -> 96x64; d is 26x128 -> 32x128.
     sizes = [(int(h), int(w)) for h, w in zip(batch["image_height"], batch["image_width"], strict=True)]
@@ -157,7 +161,8 @@ def test_forward_passes_group_equal_padded_sizes(
     assert shapes == [(2, 3, 64, 96), (2, 3, 64, 96), (1, 3, 64, 96), (1, 3, 96, 64), (1, 3, 32, 128)]
     # Batched forward passes give the per-image answer (equal padding, eval-mode BatchNorm), up to fp32
     # rounding: oneDNN may sum in another order for another batch size.
-    alone = Segmenter(segmenter.model_uri, run_id="run-1", task="semantic", batch_size=1)(batch).to_pylist()
+    alone = encode_rows(Segmenter(segmenter.model_uri, run_id="run-1", task="semantic", batch_size=1)(batch))
+    alone = alone.to_pylist()
     for grouped, single in zip(rows, alone, strict=True):
         assert [s["rle"] for s in grouped["segments"]] == [s["rle"] for s in single["segments"]]
         np.testing.assert_allclose(
@@ -179,7 +184,7 @@ def test_a_failing_group_is_retried_image_by_image(
         return forward(x)
 
     monkeypatch.setattr(segmenter.model, "forward", fragile)
-    rows = segmenter(batch).to_pylist()
+    rows = encode_rows(segmenter(batch)).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "error"]
     assert rows[2]["error"] == "inference failed: RuntimeError: kernel exploded"
 
@@ -187,7 +192,7 @@ def test_a_failing_group_is_retried_image_by_image(
 @pytest.mark.parametrize("task", ["instance", "panoptic"])
 def test_instance_and_panoptic_rows(model_path: str, images: dict[str, str], task: str) -> None:
     batch = as_numpy_batch(prepared([images[k] for k in "abcd"]))
-    rows = Segmenter(model_path, run_id="r", task=task, batch_size=4)(batch).to_pylist()
+    rows = encode_rows(Segmenter(model_path, run_id="r", task=task, batch_size=4)(batch)).to_pylist()
     assert any(r["segment_count"] for r in rows)
     for row in rows:
         assert row["status"] == "ok" and row["task"] == task
@@ -202,10 +207,10 @@ def test_instance_and_panoptic_rows(model_path: str, images: dict[str, str], tas
 
 def test_score_threshold_drops_low_segments(model_path: str, images: dict[str, str]) -> None:
     batch = as_numpy_batch(prepared([images[k] for k in "ab"]))
-    everything = Segmenter(model_path, run_id="r", task="instance")(batch).to_pylist()
+    everything = encode_rows(Segmenter(model_path, run_id="r", task="instance")(batch)).to_pylist()
     scores = sorted(s["score"] for r in everything for s in r["segments"])
     cut = scores[len(scores) // 2]
-    kept = Segmenter(model_path, run_id="r", task="instance", score_threshold=cut)(batch).to_pylist()
+    kept = encode_rows(Segmenter(model_path, run_id="r", task="instance", score_threshold=cut)(batch)).to_pylist()
     kept_scores = [s["score"] for r in kept for s in r["segments"]]
     assert kept_scores and min(kept_scores) >= cut
     assert len(kept_scores) == sum(s >= cut for s in scores)
@@ -213,7 +218,7 @@ def test_score_threshold_drops_low_segments(model_path: str, images: dict[str, s
 
 def test_the_checkpoint_task_is_the_default(tmp_path: Path, images: dict[str, str]) -> None:
     path = tiny_model_file(tmp_path / "panoptic.safetensors", task="panoptic")
-    rows = Segmenter(path, run_id="r")(as_numpy_batch(prepared([images["a"]]))).to_pylist()
+    rows = encode_rows(Segmenter(path, run_id="r")(as_numpy_batch(prepared([images["a"]])))).to_pylist()
     assert rows[0]["task"] == "panoptic"
 
 
@@ -222,7 +227,8 @@ def test_predictor_on_one_image_gives_the_segmenters_segments(
     model_path: str, images: dict[str, str], task: str
 ) -> None:
     """The Python API (`Predictor(net)(image)`) and the job's actor run one recipe: same segments, same order."""
-    rows = Segmenter(model_path, run_id="r", task=task)(as_numpy_batch(prepared([images["b"]]))).to_pylist()
+    rows = encode_rows(Segmenter(model_path, run_id="r", task=task)(as_numpy_batch(prepared([images["b"]]))))
+    rows = rows.to_pylist()
     predict = Predictor(model.load(model_path), task=task)
     segments = predict(decode_image(Path(images["b"]).read_bytes()))
     assert segments and len(segments) == rows[0]["segment_count"]
@@ -265,7 +271,7 @@ def test_bad_settings_are_value_errors(model_path: str) -> None:
 
 
 def test_bf16_autocast_runs_on_cpu(model_path: str, images: dict[str, str]) -> None:
-    rows = Segmenter(model_path, run_id="r", precision="bf16")(as_numpy_batch(prepared([images["a"]])))
+    rows = encode_rows(Segmenter(model_path, run_id="r", precision="bf16")(as_numpy_batch(prepared([images["a"]]))))
     assert rows.to_pylist()[0]["status"] == "ok"
 
 
