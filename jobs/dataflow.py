@@ -96,7 +96,7 @@ def explain_stall(seconds: float, config: SegmentConfig, device: str) -> str:
     if free_cpus < 1:
         return text + (
             f": the cluster ({nodes} node(s)) has {free_cpus:g} of {cpus:g} CPUs free, too few for the prepare "
-            f"and encode stages (1 CPU a task) beside {config.actors} model actor(s) x {config.cpus_per_actor:g} CPUs; "
+            f"stage (1 CPU a task) beside {config.actors} model actor(s) x {config.cpus_per_actor:g} CPUs; "
             "a node may have been lost: add one, or lower --actors"
         )
     if device == "cuda" and total.get("GPU", 0.0) < config.gpus_per_actor:
@@ -155,23 +155,21 @@ def prepare_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
 
 
 def model_actor_pool(actors: int) -> Any:
-    """`actors` model actors from the start, and a pool that may shrink to one while the run goes on.
+    """A fixed pool of `actors` model actors.
 
-    Why not a fixed size: Ray restarts an actor lost with its node wherever resources are free, and on a
-    cluster left with fewer CPUs the restarted actors can take every CPU, leaving none for the prepare
-    tasks that feed them: nothing moves again (measured: 2 actors on 3 CPUs, a 1-CPU node lost, no image
-    for 60 s until the stall timeout). An autoscaling pool lets Ray Data's actor autoscaler release an
-    idle actor when the pool is underused (its default rule: tasks in flight at most half the actors),
-    which frees a CPU for the prepare stage, and the run finishes on the actors that are left. It scales
-    back up, to `actors` at most, when actors have a backlog and its resource budget allows. The same rule
-    shrinks the pool of a run that is starved of input for a while (slow storage), which frees what those
-    actors held; `RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_DOWNSCALING_THRESHOLD` tunes it. One actor: a fixed pool.
+    Not Ray Data's autoscaling pool (min 1, max `actors`), although it can release an actor that a lost
+    node's restart made too many for the CPUs left: its rule (shrink when at most half the actors have a
+    task, grow when they have a backlog) churned in ordinary runs, and deadlocked after a node loss.
+    Measured (2 actors on 3 CPUs, a 1-CPU node lost, under load, Ray 2.60's autoscaler log): the pool
+    shrank to one actor 15 s into the run and grew again 4 s later, constructing the model anew each time;
+    in 1 of 3 runs the actor it had added took the last CPU while the lost actor, holding tasks in flight,
+    waited to restart, so utilisation stayed within bounds, nothing shrank, and the run stalled. A model
+    load per swing is seconds of GPU time, so a fixed pool it is; a cluster left too small for the
+    actors and one prepare task ends at --stall-timeout with exit 3 and says so (explain_stall).
     """
     import ray.data
 
-    if actors <= 1:
-        return ray.data.ActorPoolStrategy(size=1)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors)
+    return ray.data.ActorPoolStrategy(size=max(1, actors))
 
 
 def encode_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
