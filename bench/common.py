@@ -59,6 +59,37 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def count_flops(net: Any, shape: tuple[int, int, int, int], device: Any) -> int:
+    """FLOPs of one fp32 forward pass on zeros of `shape` (B, 3, H, W), as FlopCounterMode counts them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # The counter's module tracker hooks every tensor that requires grad, which in no_grad or inference mode
+    # includes views of parameters and fails: count with parameters frozen instead.
+    flags = [p.requires_grad for p in net.parameters()]
+    net.requires_grad_(False)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            net(torch.zeros(shape, device=device))
+    finally:
+        for p, flag in zip(net.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    return int(counter.get_total_flops())
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's attainable fp32 rate at torch's current thread count: the best of `repeats` (n x n) @ (n x n)
+    products, 2n^3 FLOPs each. The yardstick for a model's achieved GFLOP/s: a dense product is as close to
+    the cores' peak as BLAS gets (the nominal peak, clock x FMA width, assumes a clock the cores may not hold)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, page faults
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
 def timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()

@@ -7,6 +7,11 @@ random-initialised in transformers, saved with `save_pretrained`, and loaded wit
 timing alternates HF and ours so that any drift in the machine's load hits both, and the table reports
 medians. fp32, batch 1, `torch.inference_mode()`. Outputs are compared too, so a fast wrong model
 cannot pass.
+
+Achieved GFLOP/s: the FLOPs of one forward are counted once per model and size (`FlopCounterMode` on our
+model: matmuls, convolutions, attention; not the deformable gathers or elementwise work) and divided by
+each side's median time; both sides do the same counted work. `of peak` is that rate over this machine's
+attainable fp32 rate at the same threads (the best large sgemm, `bench.common.sgemm_gflops`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import tempfile
 
 import torch
 
-from bench.common import median, publish, table, timed
+from bench.common import count_flops, median, publish, sgemm_gflops, table, timed
 
 
 def hf_model(name: str):
@@ -50,7 +55,7 @@ def hf_model(name: str):
     return Mask2FormerForUniversalSegmentation(config).eval()
 
 
-def bench(name: str, sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
+def bench(name: str, sizes: list[tuple[int, int]], repeats: int, peak: float) -> list[dict]:
     from m2f import model as m2f
 
     hf = hf_model(name)
@@ -60,6 +65,7 @@ def bench(name: str, sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
     rows = []
     for h, w in sizes:
         x = torch.randn(1, 3, h, w)
+        gflop = count_flops(ours, (1, 3, h, w), torch.device("cpu")) / 1e9
         with torch.inference_mode():
             ref, got = hf(pixel_values=x), ours(x)  # warm-up, and the outputs must agree
             diff = max(
@@ -78,13 +84,19 @@ def bench(name: str, sizes: list[tuple[int, int]], repeats: int) -> list[dict]:
                 "ours_s": median(t_ours),
                 "speedup": median(t_hf) / median(t_ours),
                 "max_abs_diff": diff,
+                "gflop": gflop,
+                "hf_gflops": gflop / median(t_hf),
+                "ours_gflops": gflop / median(t_ours),
+                "ours_of_peak": gflop / median(t_ours) / peak,
                 "hf_runs": t_hf,
                 "ours_runs": t_ours,
             }
         )
         print(
             f"{name} {h}x{w}: hf {median(t_hf):.3f}s ours {median(t_ours):.3f}s "
-            f"x{median(t_hf) / median(t_ours):.2f} (max |diff| {diff:.1e})",
+            f"x{median(t_hf) / median(t_ours):.2f} (max |diff| {diff:.1e}); {gflop:.1f} GFLOP, "
+            f"hf {gflop / median(t_hf):.1f} ours {gflop / median(t_ours):.1f} GFLOP/s "
+            f"({gflop / median(t_ours) / peak:.0%} of {peak:.0f})",
             flush=True,
         )
     return rows
@@ -99,15 +111,32 @@ def main() -> None:
     parser.add_argument("--name", default="forward_vs_hf", help="results file name")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    peak = sgemm_gflops()
+    print(f"attainable fp32 (sgemm 2048, {args.threads} threads): {peak:.1f} GFLOP/s", flush=True)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     rows = []
     for name in args.models.split(","):
-        rows += bench(name, sizes, args.repeats)
+        rows += bench(name, sizes, args.repeats, peak)
     text = table(
-        ["model", "size", "hf s", "ours s", "speedup", "max|diff|"],
-        [[r["model"], r["size"], r["hf_s"], r["ours_s"], r["speedup"], f"{r['max_abs_diff']:.1e}"] for r in rows],
+        ["model", "size", "hf s", "ours s", "speedup", "GFLOP", "hf GFLOP/s", "ours GFLOP/s", "of peak", "max|diff|"],
+        [
+            [
+                r["model"],
+                r["size"],
+                r["hf_s"],
+                r["ours_s"],
+                r["speedup"],
+                r["gflop"],
+                r["hf_gflops"],
+                r["ours_gflops"],
+                f"{r['ours_of_peak']:.0%}",
+                f"{r['max_abs_diff']:.1e}",
+            ]
+            for r in rows
+        ],
     )
-    publish(args.name, text, {"threads": args.threads, "repeats": args.repeats, "rows": rows})
+    payload = {"threads": args.threads, "repeats": args.repeats, "sgemm_gflops": peak, "rows": rows}
+    publish(args.name, text, payload)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from bench.common import ints, names, table, write_result
+from bench.common import count_flops, ints, names, table, write_result
 
 TARGET_R50_BF16_512 = 266.0  # issue 5: images/s, R50 at 512x512, bf16, one H100 (10x mmsegmentation's A100 figure)
 SMOKE = {"sizes": "64x64", "batches": "1,2", "warmup": 1, "iters": 2, "pipeline_n": 4, "pipeline_batch_size": 2}
@@ -65,24 +65,6 @@ def model_config(preset: str, smoke: bool = False) -> Any:
         decoder=DecoderConfig(hidden_dim=32, num_queries=8, num_heads=4, ffn_dim=64, num_layers=2),
         preprocess=PreprocessConfig(min_size=64, max_size=128),
     )
-
-
-def count_flops(net: torch.nn.Module, shape: tuple[int, int, int, int], device: torch.device) -> int:
-    """FLOPs of one fp32 forward pass on zeros of `shape` (B, 3, H, W), as FlopCounterMode counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    # The counter's module tracker hooks every tensor that requires grad, which in no_grad or inference mode
-    # includes views of parameters and fails: count with parameters frozen instead.
-    flags = [p.requires_grad for p in net.parameters()]
-    net.requires_grad_(False)
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter:
-            net(torch.zeros(shape, device=device))
-    finally:
-        for p, flag in zip(net.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-    return int(counter.get_total_flops())
 
 
 def _sync(device: torch.device) -> None:
