@@ -134,8 +134,15 @@ class PartWriter:
         return item is not None
 
     def close(self, timeout: float | None = None) -> bool:
-        """Commit what is buffered and wait for every file; True when all are in place within `timeout`.
-        Raises the write failure, if there was one."""
+        """Commit what is buffered and wait for every file; True when all are in place within `timeout`,
+        and the writer takes nothing more. Raises the write failure, if there was one."""
+        done = self.drain(timeout)
+        if done:
+            self._queue.put(None)  # the upload thread ends
+        return done
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Commit what is buffered and wait for every file, as `close` does, but stay open for more rows."""
         with self._lock:
             item = self._cut(self._buffered) if self._buffered else None
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -143,8 +150,6 @@ class PartWriter:
             self._put_back(item)  # the queue stayed full: the rows wait in the buffer for the next call
             return False
         done = self._idle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if done:
-            self._queue.put(None)  # the upload thread ends
         self._raise_failure()
         return done
 

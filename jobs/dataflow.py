@@ -45,6 +45,8 @@ ENCODE_SHARE = 0.5  # encode tasks at once, per CPU the actors leave (see encode
 BUDGET_BLOCKS = 32
 URI_BYTES = 256  # an upper bound on a work-manifest row (its URI) in a Ray block
 STREAMING_BLOCKS_AHEAD = 64
+REPLAN_IDLE_S = 30.0  # no image finished for this long: ask whether the cluster still holds the actor pool
+REPLAN_POLL_S = 5.0  # and ask again this often while nothing finishes
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,33 @@ def capacity_warnings(resources: dict[str, float], config: SegmentConfig, device
     if device == "cuda" and config.actors * config.gpus_per_actor > gpus:
         out.append(f"{config.actors} actors x {config.gpus_per_actor:g} GPUs exceed the cluster's {gpus:g} GPUs")
     return out
+
+
+def actors_that_fit(resources: dict[str, float], config: SegmentConfig, device: str) -> int:
+    """How many model actors (at most --actors) the cluster's resources hold beside one prepare task."""
+    fit = config.actors
+    if config.cpus_per_actor > 0:
+        fit = min(fit, int((resources.get("CPU", 0.0) - 1) // config.cpus_per_actor))
+    if device == "cuda" and config.gpus_per_actor > 0:
+        fit = min(fit, int(resources.get("GPU", 0.0) // config.gpus_per_actor))
+    return max(0, fit)
+
+
+def fewer_actors(config: SegmentConfig, device: str) -> int | None:
+    """The smaller actor pool a shrunken cluster can run, or None while the pool fits (or nothing does).
+
+    Called when no image has finished for a while. A node lost for good takes its share of the cluster:
+    Ray restarts the lost model actors wherever resources are left, and a restarted actor can take the CPU
+    the prepare stage needs (nothing feeds the actors) or wait for a GPU that is gone (the tasks it held
+    never finish). Neither resolves itself; a pipeline with fewer actors runs.
+    """
+    import ray
+
+    try:
+        fit = actors_that_fit(ray.cluster_resources(), config, device)
+    except Exception:  # the cluster does not answer: the stall timeout decides
+        return None
+    return fit if 0 < fit < config.actors else None
 
 
 def explain_stall(seconds: float, config: SegmentConfig, device: str) -> str:
@@ -164,8 +193,9 @@ def model_actor_pool(actors: int) -> Any:
     shrank to one actor 15 s into the run and grew again 4 s later, constructing the model anew each time;
     in 1 of 3 runs the actor it had added took the last CPU while the lost actor, holding tasks in flight,
     waited to restart, so utilisation stayed within bounds, nothing shrank, and the run stalled. A model
-    load per swing is seconds of GPU time, so a fixed pool it is; a cluster left too small for the
-    actors and one prepare task ends at --stall-timeout with exit 3 and says so (explain_stall).
+    load per swing is seconds of GPU time, so a fixed pool it is. A cluster left too small for the pool
+    and one prepare task is met by the driver instead: it ends that execution and starts the pipeline
+    again, over the images left, with the actors the cluster holds (`fewer_actors`, jobs.segment).
     """
     import ray.data
 
@@ -271,19 +301,26 @@ def stream_results(
     *,
     stall_timeout: float,
     explain: Callable[[float], str],
-) -> None:
+    shrink: Callable[[], int | None] = lambda: None,
+) -> int | None:
     """Pull the model's rows into `writer` until the dataset is exhausted or `stop` is requested (by a
     signal, or here, when no image finished for `stall_timeout` seconds). Raises what failed the pulling.
 
     A thread pulls (Ray Data's iterator blocks); this thread wakes every second to commit rows that have
     waited long enough, print progress, and notice a stop, so neither a signal nor a stall waits on Ray.
+    When no image has finished for REPLAN_IDLE_S (or half the stall timeout, if less), `shrink()` is
+    asked every few seconds whether a smaller actor pool should take over (see `fewer_actors`); if it
+    names one, the execution ends here and that count is returned, for the caller to start the pipeline
+    again over the images left. None: the dataset is exhausted, or a stop ended it.
     """
-    state: dict[str, Any] = {"last": time.monotonic(), "error": None}
+    state: dict[str, Any] = {"last": time.monotonic(), "error": None, "halt": False}
+    replan_after = min(REPLAN_IDLE_S, stall_timeout / 2)
+    asked = 0.0  # when shrink() was last asked
 
     def pull() -> None:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                if stop.requested:
+                if stop.requested or state["halt"]:
                     return
                 writer.add(batch)
                 errors = batch.num_rows - int(pc.sum(pc.equal(batch["status"], STATUS_OK)).as_py() or 0)
@@ -298,13 +335,22 @@ def stream_results(
         puller.join(1.0)
         writer.flush_if_due()
         progress.tick()
-        if not stop.requested and time.monotonic() - state["last"] > stall_timeout:
-            stop.stall(explain(time.monotonic() - state["last"]))
+        now = time.monotonic()
+        if not stop.requested and now - state["last"] > stall_timeout:
+            stop.stall(explain(now - state["last"]))
         if stop.requested:
             stop_execution(ds, puller)
-            return
+            return None
+        if now - state["last"] > replan_after and now - asked >= REPLAN_POLL_S:
+            asked = now
+            actors = shrink()
+            if actors is not None:
+                state["halt"] = True
+                stop_execution(ds, puller)
+                return actors
     if state["error"] is not None and not stop.requested:
         raise state["error"]
+    return None
 
 
 def stop_execution(ds: Any, puller: threading.Thread, wait: float = 5.0) -> None:

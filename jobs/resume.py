@@ -262,6 +262,27 @@ def plan_work(listing: Listing, done_keys: np.ndarray, *, fs: AbstractFileSystem
     return plan
 
 
+def remaining_work(
+    plan: WorkPlan, done_keys: np.ndarray, *, fs: AbstractFileSystem, folder: str, round: int
+) -> WorkPlan:
+    """`plan` less the images in `done_keys` (sorted uint64: committed since it was made), as new work files
+    `work-r<round>-NNNNNN.parquet` in `folder`; the plan's own files are removed once those are in place.
+    For a pipeline started again within a run (a smaller actor pool after a node was lost)."""
+    rest = WorkPlan(files=[], pending=np.setdiff1d(plan.pending, done_keys, assume_unique=True))
+    rest.listed, rest.duplicates, rest.already_done = plan.listed, plan.duplicates, plan.already_done
+    for old in plan.files:
+        uris = with_retries(lambda old=old: read_part(fs, old, ["image_uri"]))["image_uri"]
+        keys = np.fromiter((uri_key(u) for u in uris.to_pylist()), dtype=np.uint64, count=len(uris))
+        left = uris.filter(pa.array(~isin_sorted(keys, done_keys)))
+        if len(left):
+            path = posixpath.join(folder, f"work-r{round}-{len(rest.files):06d}.parquet")
+            write_atomic(fs, path, parquet_bytes(pa.table({"image_uri": left})))
+            rest.files.append(path)
+    for old in plan.files:
+        fs.rm(old)
+    return rest
+
+
 def read_work_files(batch: pa.Table, *, output: str, storage: Storage) -> pa.Table:
     """The URIs of the work-manifest files named in `batch` (paths on OUTPUT's filesystem)."""
     fs, _ = storage.open(output)

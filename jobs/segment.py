@@ -47,7 +47,14 @@ from m2f.jobs.cluster import ray_session
 from m2f.jobs.commit import Commit, PartWriter
 from m2f.jobs.configs import SegmentConfig
 from m2f.jobs.console import Console
-from m2f.jobs.dataflow import build_dataset, capacity_warnings, explain_stall, resolve_device, stream_results
+from m2f.jobs.dataflow import (
+    build_dataset,
+    capacity_warnings,
+    explain_stall,
+    fewer_actors,
+    resolve_device,
+    stream_results,
+)
 from m2f.jobs.failure import Failure, one_line, storage_step
 from m2f.jobs.lifecycle import Cancelled, RunLog, Stop, handling_signals
 from m2f.jobs.model_probe import ModelProbe, local_gpu, probe_model
@@ -58,6 +65,7 @@ from m2f.jobs.resume import (
     drop_superseded_errors,
     interrupted_overwrites,
     plan_work,
+    remaining_work,
     remove_stale_work,
     scan_output,
 )
@@ -260,15 +268,6 @@ class SegmentRun:
                 raise Failure(str(e), 2) from None
             for message in capacity_warnings(resources, config, device):
                 self.warn(message)
-            ds = build_dataset(
-                config,
-                self.plan,
-                preprocess=self.probe.preprocess,
-                task=self.task,
-                device=device,
-                run_id=self.run_id,
-                cluster_cpus=resources.get("CPU", 0.0),
-            )
             writer = PartWriter(
                 self.fs,
                 self.root,
@@ -280,14 +279,7 @@ class SegmentRun:
             progress = Progress(self.counts.pending, bar=config.progress, stream=self.terminal.err)
             start = time.perf_counter()  # from here a signal stops the loop, which commits what it holds
             try:
-                stream_results(
-                    ds,
-                    writer,
-                    progress,
-                    self.stop,
-                    stall_timeout=config.stall_timeout,
-                    explain=lambda idle: explain_stall(idle, config, device),
-                )
+                ds = self._stream(config, device, resources.get("CPU", 0.0), writer, progress)
             except Exception as e:
                 if writer.failure is not None:  # raised again by add() or flush_if_due(): the cause is the write
                     raise self._write_failure(writer.failure) from None
@@ -301,6 +293,60 @@ class SegmentRun:
                 self.stats = ray_data_stats(ds, start)
             clock = time.perf_counter()
         self.timings["ray_stop"] = time.perf_counter() - clock
+
+    def _stream(
+        self, config: SegmentConfig, device: str, cluster_cpus: float, writer: PartWriter, progress: Progress
+    ) -> Any:
+        """Run the pipeline over the plan into `writer`; returns the dataset that ran last.
+
+        When the cluster has shrunk below the actor pool (a node lost for good) and nothing finishes, the
+        execution ends, what it finished is committed, and a pipeline with as many actors as the cluster
+        now holds takes over the images left (`dataflow.fewer_actors`): a run goes on at the cluster's new
+        size instead of stalling. Each round has fewer actors, so this ends.
+        """
+        attempt = 0
+        while True:
+            ds = build_dataset(
+                config,
+                self.plan,
+                preprocess=self.probe.preprocess,
+                task=self.task,
+                device=device,
+                run_id=self.run_id,
+                cluster_cpus=cluster_cpus,
+            )
+            actors = stream_results(
+                ds,
+                writer,
+                progress,
+                self.stop,
+                stall_timeout=config.stall_timeout,
+                explain=lambda idle, config=config: explain_stall(idle, config, device),
+                shrink=lambda config=config: fewer_actors(config, device),
+            )
+            if actors is None:
+                return ds
+            import ray
+
+            cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+            while not writer.drain(timeout=1.0):  # the rows in hand are committed before the work is re-planned
+                if self.stop.requested:
+                    return ds
+            attempt += 1
+            done = np.unique(np.concatenate(self.committed)) if self.committed else np.empty(0, np.uint64)
+            self.plan = self._storage(
+                "write to",
+                config.output,
+                lambda attempt=attempt, done=done: remaining_work(
+                    self.plan, done, fs=self.fs, folder=self.work_dir, round=attempt
+                ),
+            )
+            self.warn(
+                f"the cluster ({cluster_cpus:g} CPUs) no longer holds {config.actors} model actor(s) beside the "
+                f"prepare stage and no image finished: a node may have been lost; going on with {actors} "
+                f"actor(s) for the {len(self.plan.pending)} image(s) left"
+            )
+            config = dataclasses.replace(config, actors=actors)
 
     def _unplan(self) -> None:
         """A bad argument found once Ray answered (a joined cluster without a GPU): take back the work

@@ -17,7 +17,7 @@ import pytest
 
 from m2f.jobs.commit import PartWriter
 from m2f.jobs.progress import Progress, format_duration
-from m2f.jobs.resume import interrupted_overwrites, scan_output, supersede, uri_key
+from m2f.jobs.resume import interrupted_overwrites, plan_work, remaining_work, scan_output, supersede, uri_key
 from m2f.pipeline.schema import OUTPUT_SCHEMA, error_row, ok_row, rows_to_table
 from m2f.pipeline.storage import open_fs
 
@@ -63,6 +63,41 @@ def test_a_file_is_committed_for_every_rows_per_file_rows_and_the_rest_at_close(
     assert [(c.ok, c.error) for c in commits] == [(4, 0), (4, 0), (2, 0)]
     assert sorted(k for c in commits for k in c.keys.tolist()) == sorted(uri_key(f"/x/{n}.png") for n in "abcdefghij")
     assert not list(tmp_path.glob(".*"))  # no temporaries left
+
+
+def test_drain_commits_everything_and_the_writer_takes_more(tmp_path) -> None:
+    fs, root = open_fs(str(tmp_path), {})
+    writer = PartWriter(fs, root, "run", rows_per_file=4, flush_seconds=3600)
+    writer.add(rows(list("abcde")))
+    assert writer.drain(timeout=10)
+    assert writer.uncommitted == 0 and [pq.read_metadata(p).num_rows for p in parts(tmp_path)] == [4, 1]
+    writer.add(rows(list("fg")))  # still open: a later drain or close commits these too
+    assert writer.close(timeout=10)
+    assert uris_in(tmp_path) == [f"/x/{n}.png" for n in "abcdefg"]
+
+
+def test_remaining_work_leaves_out_what_was_committed_and_replaces_the_plan_files(tmp_path) -> None:
+    from m2f.pipeline.sources import list_inputs
+
+    uris = [f"/x/{i:04d}.png" for i in range(10)]
+    (tmp_path / "in.txt").write_text("\n".join(uris) + "\n")
+    fs, root = open_fs(str(tmp_path / "out"), {})
+    folder = f"{root}/_runs/r-work"
+    fs.makedirs(folder, exist_ok=True)
+    listing = list_inputs(str(tmp_path / "in.txt"), {})
+    plan = plan_work(listing, np.array(sorted(uri_key(u) for u in uris[:2]), np.uint64), fs=fs, folder=folder)
+    assert len(plan.pending) == 8
+    done = np.array(sorted(uri_key(u) for u in uris[2:5] + uris[9:]), np.uint64)
+    rest = remaining_work(plan, done, fs=fs, folder=folder, round=1)
+    left = [u for f in rest.files for u in pq.read_table(f)["image_uri"].to_pylist()]
+    assert left == uris[5:9]
+    assert rest.pending.tolist() == sorted(uri_key(u) for u in uris[5:9])
+    assert (rest.listed, rest.already_done) == (plan.listed, plan.already_done) == (10, 2)
+    assert sorted(fs.ls(folder)) == sorted(rest.files) and all("work-r1-" in f for f in rest.files)
+    assert (
+        remaining_work(rest, np.array(sorted(uri_key(u) for u in uris), np.uint64), fs=fs, folder=folder, round=2).files
+        == []
+    )
 
 
 def test_rows_that_waited_flush_seconds_are_committed_without_more_rows(tmp_path) -> None:

@@ -295,12 +295,13 @@ def test_a_lost_node_replaced_within_the_stall_timeout_completes_with_one_row_pe
     assert_one_ok_row_per_image(out, uris)
 
 
-def test_a_lost_node_that_leaves_too_few_cpus_for_every_actor_and_the_prepare_stage_shrinks_the_pool(
+def test_a_lost_node_that_leaves_too_few_cpus_for_every_actor_and_the_prepare_stage_goes_on_with_fewer(
     models, ray_tmp, tmp_path
 ):
     """Two model actors on a 3-CPU cluster, then a 1-CPU node goes: the 2 CPUs left could hold both actors
-    (Ray restarts a lost one wherever a CPU is free) and nothing for prepare_images, which feeds them. The
-    pool gives up an actor instead, and the run completes on one actor without a replacement node."""
+    (Ray restarts a lost one wherever a CPU is free) and nothing for prepare_images, which feeds them, or one
+    actor and prepare while the other waits for a CPU with tasks in hand. Either way nothing finishes; the run
+    notices, commits what it has, and goes on with the one actor the cluster holds, without a new node."""
     source, out, logs = tmp_path / "in", tmp_path / "out", tmp_path / "logs"
     uris = images(source)
     with multi_node_ray() as cluster:
@@ -324,4 +325,10 @@ def test_a_lost_node_that_leaves_too_few_cpus_for_every_actor_and_the_prepare_st
     assert at_the_loss < len(uris)
     (report,) = reports(out)
     assert report["status"] == "completed" and report["exit_code"] == 0
+    assert report["counts"]["ok"] == len(uris) and report["counts"]["error"] == 0
     assert_one_ok_row_per_image(out, uris)
+    # Whether the loss starved the pipeline depends on where Ray had put what; when it did, the run said so.
+    replanned = [w for w in report["warnings"] if "no longer holds 2 model actor(s)" in w]
+    assert all("going on with 1 actor(s)" in w for w in replanned), replanned
+    assert len(replanned) == text.count("no longer holds 2 model actor(s)") <= 1, text
+    assert not list((out / "_runs").glob("*-work")), "the work manifests outlive the run"

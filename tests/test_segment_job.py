@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 import m2f.jobs.resume as resume
 from m2f.cli import app
 from m2f.jobs.configs import SegmentConfig
-from m2f.jobs.dataflow import capacity_warnings, resolve_device
+from m2f.jobs.dataflow import actors_that_fit, capacity_warnings, resolve_device
 from m2f.jobs.resume import (
     drop_superseded_errors,
     ids_to_keys,
@@ -395,3 +395,13 @@ def test_an_actor_pool_that_leaves_no_cpu_is_flagged() -> None:
     (message,) = capacity_warnings({"CPU": 2.0}, config, "cpu")
     assert "may stall" in message
     assert "GPUs" in capacity_warnings({"CPU": 8.0, "GPU": 1.0}, config, "cuda")[0]
+
+
+def test_the_actors_a_shrunken_cluster_holds_leave_a_cpu_for_the_prepare_stage() -> None:
+    config = SegmentConfig(input="a", output="b", actors=3, cpus_per_actor=2.0, gpus_per_actor=1.0)
+    assert actors_that_fit({"CPU": 16.0}, config, "cpu") == 3  # never more than asked for
+    assert actors_that_fit({"CPU": 5.0}, config, "cpu") == 2  # 4 CPUs for two actors, one for prepare
+    assert actors_that_fit({"CPU": 2.0}, config, "cpu") == 0
+    assert actors_that_fit({}, config, "cpu") == 0
+    assert actors_that_fit({"CPU": 16.0, "GPU": 1.0}, config, "cuda") == 1  # a GPU node lost
+    assert actors_that_fit({"CPU": 16.0, "GPU": 1.0}, config, "cpu") == 3  # GPUs count only for cuda actors
