@@ -64,13 +64,15 @@ def count_flops(net: Any, shape: tuple[int, int, int, int], device: Any) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from m2f.model.linear import unfused
+
     # The counter's module tracker hooks every tensor that requires grad, which in no_grad or inference mode
     # includes views of parameters and fails: count with parameters frozen instead.
     flags = [p.requires_grad for p in net.parameters()]
     net.requires_grad_(False)
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
+        with counter, unfused():
             net(torch.zeros(shape, device=device))
     finally:
         for p, flag in zip(net.parameters(), flags, strict=True):

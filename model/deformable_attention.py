@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2f.model.linear import linear
+
 
 def ms_deform_attn_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
     """Bilinear sampling of every level, weighted by the attention and summed, as gathers.
@@ -32,11 +34,22 @@ def ms_deform_attn_sample(value: Tensor, shapes: list[tuple[int, int]], location
     elementwise ops cost more than the gathers (bench/NOTES.md). Gradients reach the values, the
     locations and the weights alike.
     """
-    B, _, M, D = value.shape
-    _, Lq, _, _, P, _ = locations.shape
-    dev = value.device
     ct = torch.promote_types(value.dtype, torch.float32)  # at least fp32, whatever autocast made of value
     loc = locations.to(ct).permute(3, 5, 0, 1, 2, 4).contiguous()  # (L, 2, B, Lq, M, P)
+    pixels = [(loc[lvl, 0] * w, loc[lvl, 1] * h) for lvl, (h, w) in enumerate(shapes)]
+    return sample_pixels(value, shapes, pixels, weights)
+
+
+def sample_pixels(
+    value: Tensor, shapes: list[tuple[int, int]], pixels: list[tuple[Tensor, Tensor]], weights: Tensor
+) -> Tensor:
+    """`ms_deform_attn_sample` with the locations given per level in that level's pixels: (x, y) each
+    (B, Lq, M, P), x in [0, w] across the map (0: its left edge). MSDeformAttn builds these from the
+    reference points and the offsets (already in pixels) without normalising and scaling back."""
+    B, _, M, D = value.shape
+    _, Lq, _, _, P = weights.shape
+    dev = value.device
+    ct = torch.promote_types(value.dtype, torch.float32)
     att = weights.to(ct).permute(3, 0, 1, 2, 4).contiguous()  # (L, B, Lq, M, P)
     out = None
     for lvl, ((h, w), v) in enumerate(zip(shapes, value.split([h * w for h, w in shapes], dim=1), strict=True)):
@@ -46,8 +59,8 @@ def ms_deform_attn_sample(value: Tensor, shapes: list[tuple[int, int]], location
         )  # rows (b, y, x, m)
         it = torch.int32 if B * n * M < 2**31 else torch.int64
         # pixel coordinates in the padded map (+1 for the border), clamped so that far-away points sit on zeros
-        px = loc[lvl, 0].mul(w).add_(0.5).clamp_(0, w + 1)  # (B, Lq, M, P)
-        py = loc[lvl, 1].mul(h).add_(0.5).clamp_(0, h + 1)
+        px = pixels[lvl][0].to(ct).add(0.5).clamp_(0, w + 1)  # (B, Lq, M, P)
+        py = pixels[lvl][1].to(ct).add(0.5).clamp_(0, h + 1)
         x0, y0 = px.floor().clamp_(max=w), py.floor().clamp_(max=h)
         fx, fy = px - x0, py - y0
         bm = torch.arange(B, device=dev).view(B, 1, 1, 1) * (n * M) + torch.arange(M, device=dev).view(1, 1, M, 1)
@@ -60,8 +73,23 @@ def ms_deform_attn_sample(value: Tensor, shapes: list[tuple[int, int]], location
         tr, br = wy0 * fx, wy1 * fx
         corner = torch.stack((wy0 - tr, tr, wy1 - br, br), -1)  # (B, Lq, M, P, 4)
         sampled = F.embedding_bag(rows.view(-1, P * 4), table, per_sample_weights=corner.view(-1, P * 4), mode="sum")
-        out = sampled if out is None else out + sampled  # (B*Lq*M, D)
+        if out is None:
+            out = sampled  # (B*Lq*M, D)
+        elif torch.is_grad_enabled() and out.requires_grad:
+            out = out + sampled
+        else:
+            out.add_(sampled)  # no fresh 1-5 M element tensor per level
     return out.view(B, Lq, M * D).to(value.dtype)
+
+
+def softmax_last(x: Tensor) -> Tensor:
+    """Softmax over the last dimension. Without autograd, as exp(x - max) / sum in three passes: the
+    attention weights' last dimension is levels x points (12), and `Tensor.softmax` over so short a row
+    took 4.9 ms for (1, 5376, 8, 12) on 2 CPU threads where this takes 0.8 (bench/NOTES.md)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.softmax(-1)
+    e = (x - x.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
 
 
 def ms_deform_attn_sample_grid(
@@ -117,13 +145,15 @@ class MSDeformAttn(nn.Module):
         value (B, S, C). Returns (B, Lq, C)."""
         B, Lq, C = query.shape
         M, L, P = self.heads, self.levels, self.points
-        v = self.value_proj(value).view(B, value.shape[1], M, C // M)  # (B, S, M, D)
-        offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(B, Lq, M, L * P)
-        weights = weights.float().softmax(-1).view(B, Lq, M, L, P)
+        v = linear(value, self.value_proj).view(B, value.shape[1], M, C // M)  # (B, S, M, D)
+        offsets = linear(query, self.sampling_offsets).view(B, Lq, M, L, P, 2)  # in pixels of each level
+        weights = softmax_last(linear(query, self.attention_weights).view(B, Lq, M, L * P).float()).view(B, Lq, M, L, P)
         with torch.autocast(device_type=query.device.type, enabled=False):
-            # (x, y) normaliser per level: offsets are in pixels of that level
-            norm = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
-            loc = reference.float()[:, :, None, None, None, :] + offsets.float() / norm[None, None, None, :, None, :]
-            out = ms_deform_attn_sample(v, shapes, loc, weights)  # (B, Lq, C)
-        return self.output_proj(out)
+            # Location (x, y) in level l's pixels: reference * (w, h) + offset, the official code's
+            # (reference + offset / (w, h)) * (w, h) without the broadcast division and the scaling back.
+            off = offsets.float().permute(3, 5, 0, 1, 2, 4).contiguous()  # (L, 2, B, Lq, M, P)
+            ref = reference.float()[:, :, None, None, :]  # (B, Lq, 1, 1, 2)
+            x, y = ref[..., 0], ref[..., 1]
+            pixels = [(off[lvl, 0] + x * w, off[lvl, 1] + y * h) for lvl, (h, w) in enumerate(shapes)]
+            out = sample_pixels(v, shapes, pixels, weights)  # (B, Lq, C)
+        return linear(out, self.output_proj)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2f.model.deformable_attention import MSDeformAttn
+from m2f.model.linear import linear
 from m2f.model.position import sine_position_encoding
 
 
@@ -36,7 +37,8 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         x = self.norm1(x + self.dropout(self.self_attn(x + pos, reference, x, shapes)))
-        return self.norm2(x + self.dropout(self.linear2(self.dropout(self.linear1(x).relu_()))))
+        hidden = self.dropout(linear(x, self.linear1, "relu"))  # (B, S, ffn_dim)
+        return self.norm2(x + self.dropout(linear(hidden, self.linear2)))
 
 
 def reference_points(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:

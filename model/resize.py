@@ -43,6 +43,38 @@ def upsample_mask_logits(mask_logits: Tensor, *, image_size: Size, output_size: 
     return F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)[0]  # (Q, H, W)
 
 
+def downsample(x: Tensor, size: Size) -> Tensor:
+    """x (..., H, W) -> (..., h, w), equal to bilinear `F.interpolate(align_corners=False)` without antialias.
+
+    When H/h and W/w are whole numbers (the decoder's levels: 1/4 -> 1/8, 1/16, 1/32 of an input padded to a
+    multiple of 32), every output sample sits at source position s*i + (s-1)/2: between two source rows
+    with weights 1/2 each for an even factor s, on one row for an odd one. Strided slices compute that
+    directly; on a CPU, `F.interpolate` of an NCHW map down to a small size took 8-25 ms for
+    (1, 256, 128, 128) or (1, 256, 200, 304), this takes 0.1-3 ms (bench/NOTES.md). Other sizes: interpolate.
+    """
+    H, W = x.shape[-2:]
+    h, w = size
+    if H % h or W % w:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return _halves(_halves(x, H // h, x.ndim - 2), W // w, x.ndim - 1)
+
+
+def _halves(x: Tensor, step: int, dim: int) -> Tensor:
+    """Every `step`-th sample along `dim` (whose length is a multiple of `step`), taken at the middle of its
+    `step` source samples: one sample for an odd step, the mean of the two central ones for an even one."""
+
+    def every(start: int) -> Tensor:
+        index: list[slice] = [slice(None)] * x.ndim
+        index[dim] = slice(start, None, step)
+        return x[tuple(index)]
+
+    if step == 1:
+        return x
+    if step % 2:
+        return every(step // 2)
+    return (every(step // 2 - 1) + every(step // 2)) * 0.5
+
+
 def query_chunks(
     mask_logits: Tensor, queries: Tensor, geom: Geometry, chunk_size: int | None
 ) -> Iterator[tuple[int, Tensor]]:

@@ -96,6 +96,22 @@ class Bottleneck(nn.Module):
         return out.relu_()
 
 
+def max_pool_3x3_s2(x: Tensor) -> Tensor:
+    """The stem's max-pool (3 x 3, stride 2, padding 1) of x (B, C, H, W), as the maximum of strided slices.
+
+    Equal to `F.max_pool2d(x, 3, 2, 1)` bit for bit; on a CPU, aten's NCHW kernel took 16 ms for
+    (1, 64, 256, 256) on 2 threads, this 3 ms (bench/NOTES.md). Inference only: on ties, autograd through
+    `torch.maximum` would split the gradient where max-pool gives it to one input.
+    """
+    H, W = x.shape[-2:]
+    Ho, Wo = (H - 1) // 2 + 1, (W - 1) // 2 + 1
+    xp = F.pad(x, (1, 1, 1, 1), value=float("-inf"))  # (B, C, H + 2, W + 2)
+    top, middle, bottom = (xp[:, :, k : k + 2 * Ho : 2] for k in range(3))  # (B, C, Ho, W + 2) each
+    rows = torch.maximum(torch.maximum(top, middle), bottom)
+    left, centre, right = (rows[..., k : k + 2 * Wo : 2] for k in range(3))  # (B, C, Ho, Wo) each
+    return torch.maximum(torch.maximum(left, centre), right)
+
+
 class ResNet(nn.Module):
     """Stem (7x7 conv, stride 2, max-pool) then one stage of bottlenecks per entry of `depths`.
 
@@ -136,7 +152,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x (B, 3, H, W) -> [res2 (B, C2, H/4, W/4), res3 (H/8), res4 (H/16), res5 (H/32)]."""
-        x = self.pool(self.stem(x).relu_())
+        x = self.stem(x).relu_()
+        x = max_pool_3x3_s2(x) if not (torch.is_grad_enabled() and x.requires_grad) else self.pool(x)
         feats = []
         for stage in self.stages:
             x = stage(x)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2f.model.linear import linear
+
 
 def relative_position_index(window: int) -> Tensor:
     """(window², window²) index into the ((2w-1)², heads) bias table."""
@@ -66,7 +68,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """x (B*nW, N, C); mask (nW, N, N) additive or None."""
         Bw, N, C = x.shape
-        qkv = self.qkv(x).view(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv).view(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B*nW, h, N, d)
         bias = self.bias().unsqueeze(0).to(q.dtype)  # (1, h, N, N)
         if mask is not None:
@@ -74,7 +76,7 @@ class WindowAttention(nn.Module):
             bias = bias.view(1, 1, self.heads, N, N) + mask.view(1, nW, 1, N, N).to(q.dtype)
             bias = bias.expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(Bw, N, C))
+        return linear(out.transpose(1, 2).reshape(Bw, N, C), self.proj)
 
 
 class SwinBlock(nn.Module):
@@ -123,7 +125,8 @@ class SwinBlock(nn.Module):
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
         y = y[:, :H, :W].reshape(B, L, C)
         x = x + self._drop_path(y)
-        return x + self._drop_path(self.mlp(self.norm2(x)))
+        fc1, _, fc2 = self.mlp  # Linear, GELU, Linear: the GELU runs inside fc1's kernel where it can
+        return x + self._drop_path(linear(linear(self.norm2(x), fc1, "gelu"), fc2))
 
 
 class PatchMerging(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2f.model.position import sine_position_encoding
+from m2f.model.resize import downsample
 
 
 @dataclass
@@ -132,7 +133,7 @@ class TransformerDecoder(nn.Module):
         if target is None:
             return Prediction(class_logits, mask_logits), None
         with torch.no_grad():
-            small = F.interpolate(mask_logits.detach(), size=target, mode="bilinear", align_corners=False)
+            small = downsample(mask_logits.detach(), target)  # (B, Q, h, w)
             allowed = small.flatten(2).sigmoid() >= 0.5  # (B, Q, h*w)
             # a query whose mask blocks everything attends everywhere instead
             allowed = allowed | ~allowed.any(-1, keepdim=True)
@@ -166,9 +167,7 @@ class TransformerDecoder(nn.Module):
         x = self.query_feat.weight[None].expand(B, -1, -1)  # (B, Q, C)
         query_pos = self.query_embed.weight[None]  # (1, Q, C)
         if not aux:
-            resized = [
-                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes
-            ]  # (B, D, h, w) per level
+            resized = [downsample(mask_features, size) for size in sizes]  # (B, D, h, w) per level
 
         def step(i: int, x: Tensor) -> Tensor:
             """Prediction i (0 = before the first layer); returns where layer i + 1 may attend."""

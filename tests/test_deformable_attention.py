@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2f.model.deformable_attention import ms_deform_attn_sample, ms_deform_attn_sample_grid
+from m2f.model.deformable_attention import ms_deform_attn_sample, ms_deform_attn_sample_grid, softmax_last
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -31,3 +31,12 @@ def test_sampler_matches_grid_sample_reference(batch):
     ref_grads = torch.autograd.grad((want * probe).sum(), refs)
     for name, g, r in zip(("value", "locations", "weights"), grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r.to(g.dtype), rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+
+
+def test_softmax_without_autograd_equals_torch_softmax() -> None:
+    x = torch.randn(3, 50, 8, 12) * 30  # large logits: the max is subtracted first
+    with torch.no_grad():
+        torch.testing.assert_close(softmax_last(x), x.softmax(-1), rtol=1e-6, atol=1e-7)
+    y = x.clone().requires_grad_()
+    softmax_last(y)[..., 0].sum().backward()  # with autograd: torch's own, gradients flow
+    assert y.grad is not None and torch.isfinite(y.grad).all()

@@ -16,6 +16,7 @@ from m2f.model.postprocess import (
     semantic_inference,
     upsample_mask_logits,
 )
+from m2f.model.resize import downsample
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -619,3 +620,22 @@ def test_inference_rejects_bad_sizes():
         semantic_inference(class_logits, mask_logits, **identity(mask_logits), chunk_size=0)
     with pytest.raises(ValueError, match=r"\(2, 7, 6, 8\)"):
         semantic_inference(class_logits[:, :6], mask_logits, **identity(mask_logits))
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((1, 256, 128, 128), (16, 16)),  # the decoder's levels at 512 x 512: factors 8, 4, 2
+        ((1, 8, 128, 128), (64, 64)),
+        ((2, 3, 200, 304), (25, 38)),  # 800 x 1216
+        ((1, 4, 90, 90), (30, 18)),  # odd factors (3, 5): one source sample each
+        ((1, 4, 96, 96), (96, 48)),  # factor 1 on one axis
+        ((1, 4, 10, 10), (3, 4)),  # not whole factors: interpolate itself
+    ],
+)
+def test_downsample_equals_bilinear_interpolation(shape, size) -> None:
+    x = torch.randn(shape, dtype=torch.float64)
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    got = downsample(x, size)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

@@ -53,24 +53,24 @@ def test_positions_and_sampling_locations_stay_fp32_under_autocast(loaded, monke
 
         return wrapper
 
-    sample = deformable_attention.ms_deform_attn_sample
+    sample = deformable_attention.sample_pixels
 
-    def record_sample(value, shapes, locations, weights):
-        seen["locations"].append(locations.dtype)
+    def record_sample(value, shapes, pixels, weights):
+        seen["locations"].append({t.dtype for level in pixels for t in level})
         seen["weights"].append(weights.dtype)
         seen["autocast"].append(torch.is_autocast_enabled("cpu"))
-        return sample(value, shapes, locations, weights)
+        return sample(value, shapes, pixels, weights)
 
     position._CACHE.clear()  # build the encodings under autocast, not from an fp32 cache
     monkeypatch.setattr(pixel_decoder, "sine_position_encoding", record_position(position.sine_position_encoding))
     monkeypatch.setattr(transformer_decoder, "sine_position_encoding", record_position(position.sine_position_encoding))
-    monkeypatch.setattr(deformable_attention, "ms_deform_attn_sample", record_sample)
+    monkeypatch.setattr(deformable_attention, "sample_pixels", record_sample)
     out = forward(loaded, torch.randn(1, 3, 64, 96), bf16=True)
     assert out.mask_logits.dtype == torch.bfloat16
     assert len(seen["pos"]) == 6  # three levels in the pixel decoder, three in the transformer decoder
     assert set(seen["pos"]) == {torch.float32}
     assert len(seen["locations"]) == loaded.config.pixel_decoder.num_layers
-    assert set(seen["locations"]) == set(seen["weights"]) == {torch.float32}
+    assert set.union(*seen["locations"]) == set(seen["weights"]) == {torch.float32}
     assert not any(seen["autocast"])  # the sampling runs with autocast off
 
 

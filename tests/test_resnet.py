@@ -1,11 +1,12 @@
-"""The ResNet's inference shortcut: the norm folded into the convolution gives what conv + norm gives."""
+"""The ResNet's inference shortcuts: the norm folded into the convolution, the stem pool by slices."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from m2f.model.resnet import ConvNorm
+from m2f.model.resnet import ConvNorm, max_pool_3x3_s2
 
 
 def _randomised(norm: str) -> ConvNorm:
@@ -40,3 +41,9 @@ def test_fold_follows_changed_weights_and_training_mode() -> None:
         assert not torch.allclose(before, after)
         unit.train()  # batch statistics: nothing to fold
         torch.testing.assert_close(unit(x), unit.norm(unit.conv(x)))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 16, 16), (2, 3, 15, 17), (1, 2, 1, 1), (1, 64, 40, 61)])
+def test_the_stem_pool_by_slices_equals_max_pool(shape) -> None:
+    x = torch.randn(shape)
+    assert torch.equal(max_pool_3x3_s2(x), F.max_pool2d(x, 3, 2, 1))
