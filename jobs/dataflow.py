@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow.compute as pc
 
@@ -94,8 +94,16 @@ def actors_that_fit(resources: dict[str, float], config: SegmentConfig, device: 
     return max(0, fit)
 
 
-def fewer_actors(config: SegmentConfig, device: str) -> int | None:
-    """The smaller actor pool a shrunken cluster can run, or None while the pool fits (or nothing does).
+class Shrink(NamedTuple):
+    """A smaller actor pool for a cluster that lost resources: how many actors, its CPUs, and why."""
+
+    actors: int
+    cluster_cpus: float
+    reason: str
+
+
+def fewer_actors(config: SegmentConfig, device: str) -> Shrink | None:
+    """The smaller actor pool a shrunken cluster can run; None while the pool fits (or nothing does).
 
     Called when no image has finished for a while. A node lost for good takes its share of the cluster:
     Ray restarts the lost model actors wherever resources are left, and a restarted actor can take the CPU
@@ -105,10 +113,19 @@ def fewer_actors(config: SegmentConfig, device: str) -> int | None:
     import ray
 
     try:
-        fit = actors_that_fit(ray.cluster_resources(), config, device)
+        resources = ray.cluster_resources()
     except Exception:  # the cluster does not answer: the stall timeout decides
         return None
-    return fit if 0 < fit < config.actors else None
+    fit = actors_that_fit(resources, config, device)
+    if not 0 < fit < config.actors:
+        return None
+    cpus = resources.get("CPU", 0.0)
+    cluster = f"{cpus:g} CPUs" + (f", {resources.get('GPU', 0.0):g} GPUs" if device == "cuda" else "")
+    reason = (
+        f"the cluster ({cluster}) no longer holds {config.actors} model actor(s) beside the prepare stage and no "
+        f"image finished: a node may have been lost; going on with {fit} actor(s)"
+    )
+    return Shrink(fit, cpus, reason)
 
 
 def explain_stall(seconds: float, config: SegmentConfig, device: str) -> str:
@@ -301,8 +318,8 @@ def stream_results(
     *,
     stall_timeout: float,
     explain: Callable[[float], str],
-    shrink: Callable[[], int | None] = lambda: None,
-) -> int | None:
+    shrink: Callable[[], Shrink | None] = lambda: None,
+) -> Shrink | None:
     """Pull the model's rows into `writer` until the dataset is exhausted or `stop` is requested (by a
     signal, or here, when no image finished for `stall_timeout` seconds). Raises what failed the pulling.
 
@@ -310,8 +327,8 @@ def stream_results(
     waited long enough, print progress, and notice a stop, so neither a signal nor a stall waits on Ray.
     When no image has finished for REPLAN_IDLE_S (or half the stall timeout, if less), `shrink()` is
     asked every few seconds whether a smaller actor pool should take over (see `fewer_actors`); if it
-    names one, the execution ends here and that count is returned, for the caller to start the pipeline
-    again over the images left. None: the dataset is exhausted, or a stop ended it.
+    names one, the execution ends here and that `Shrink` is returned, for the caller to start the
+    pipeline again over the images left. None: the dataset is exhausted, or a stop ended it.
     """
     state: dict[str, Any] = {"last": time.monotonic(), "error": None, "halt": False}
     replan_after = min(REPLAN_IDLE_S, stall_timeout / 2)
@@ -343,11 +360,11 @@ def stream_results(
             return None
         if now - state["last"] > replan_after and now - asked >= REPLAN_POLL_S:
             asked = now
-            actors = shrink()
-            if actors is not None:
+            smaller = shrink()
+            if smaller is not None:
                 state["halt"] = True
                 stop_execution(ds, puller)
-                return actors
+                return smaller
     if state["error"] is not None and not stop.requested:
         raise state["error"]
     return None

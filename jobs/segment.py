@@ -5,8 +5,12 @@ The pipeline, one row per listed image all the way:
 
     work manifest (Parquet, URIs)  --read_work_files, small blocks-->
     prepare_images (CPU tasks: read, decode, resize)  -->
-    Segmenter (actor pool: the model, post-processing, RLE)  --blocks of rows-->
+    Segmenter (actor pool: the model, post-processing, a compact form of the masks)  -->
+    encode_rows (CPU tasks: RLE, statistics, rows)  --blocks of rows-->
     the driver: PartWriter (jobs.commit) commits a part file every ROWS_PER_FILE rows or --flush-seconds
+
+A cluster that shrinks below the actor pool (a node lost for good) gets a new pipeline with the actors it
+can hold, over the images left (SegmentRun._stream), rather than a stall.
 
 Why the rows come to the driver: the earlier shape repartitioned the actors' output to ROWS_PER_FILE rows
 per block before a write stage, and that repartition was a barrier (the first part file landed after the
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -59,7 +64,7 @@ from m2f.jobs.failure import Failure, one_line, storage_step
 from m2f.jobs.lifecycle import Cancelled, RunLog, Stop, handling_signals
 from m2f.jobs.model_probe import ModelProbe, local_gpu, probe_model
 from m2f.jobs.progress import Progress
-from m2f.jobs.report import RunCounts, build_report, ray_data_stats
+from m2f.jobs.report import RunCounts, ray_data_stats
 from m2f.jobs.resume import (
     Existing,
     drop_superseded_errors,
@@ -69,12 +74,12 @@ from m2f.jobs.resume import (
     remove_stale_work,
     scan_output,
 )
-from m2f.jobs.segment_end import finish
+from m2f.jobs.segment_end import finish, write_report
 from m2f.pipeline.output import new_run_id, run_file
 from m2f.pipeline.predictor import default_score_threshold
 from m2f.pipeline.secrets import scrub, secret_values
 from m2f.pipeline.sources import list_inputs
-from m2f.pipeline.storage import Storage, open_fs, qualify, storage_failure, write_atomic
+from m2f.pipeline.storage import Storage, open_fs, qualify, storage_failure
 
 # Rows per output part file. Larger files suit analysts, smaller ones lose less work to a kill.
 ROWS_PER_FILE = int(os.environ.get("M2F_ROWS_PER_FILE", "512"))
@@ -246,7 +251,7 @@ class SegmentRun:
             if not config.allow_empty:
                 raise Failure(message, 1)
             self.warn(message + "; --allow-empty accepts it")
-        self._storage("write to", config.output, lambda: self.write_report("running"))
+        self._storage("write to", config.output, lambda: write_report(self, "running"))
 
     def _process(self) -> None:
         """Start Ray, run the pipeline, commit rows as they come."""
@@ -315,7 +320,7 @@ class SegmentRun:
                 run_id=self.run_id,
                 cluster_cpus=cluster_cpus,
             )
-            actors = stream_results(
+            smaller = stream_results(
                 ds,
                 writer,
                 progress,
@@ -324,29 +329,17 @@ class SegmentRun:
                 explain=lambda idle, config=config: explain_stall(idle, config, device),
                 shrink=lambda config=config: fewer_actors(config, device),
             )
-            if actors is None:
+            if smaller is None:
                 return ds
-            import ray
-
-            cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
             while not writer.drain(timeout=1.0):  # the rows in hand are committed before the work is re-planned
                 if self.stop.requested:
                     return ds
             attempt += 1
             done = np.unique(np.concatenate(self.committed)) if self.committed else np.empty(0, np.uint64)
-            self.plan = self._storage(
-                "write to",
-                config.output,
-                lambda attempt=attempt, done=done: remaining_work(
-                    self.plan, done, fs=self.fs, folder=self.work_dir, round=attempt
-                ),
-            )
-            self.warn(
-                f"the cluster ({cluster_cpus:g} CPUs) no longer holds {config.actors} model actor(s) beside the "
-                f"prepare stage and no image finished: a node may have been lost; going on with {actors} "
-                f"actor(s) for the {len(self.plan.pending)} image(s) left"
-            )
-            config = dataclasses.replace(config, actors=actors)
+            rest = functools.partial(remaining_work, self.plan, done, fs=self.fs, folder=self.work_dir, round=attempt)
+            self.plan = self._storage("write to", config.output, rest)
+            self.warn(f"{smaller.reason} for the {len(self.plan.pending)} image(s) left")
+            config, cluster_cpus = dataclasses.replace(config, actors=smaller.actors), smaller.cluster_cpus
 
     def _unplan(self) -> None:
         """A bad argument found once Ray answered (a joined cluster without a GPU): take back the work
@@ -376,32 +369,6 @@ class SegmentRun:
         """Called by the writer's thread after each part file is in place."""
         self.counts.add_commit(commit)
         self.committed.append(commit.keys)
-
-    def write_report(self, status: str, *, exit_code: int | None = None, previews: int = 0) -> None:
-        config, probe = self.config, self.probe
-        assert probe is not None  # a report is written only once the model has been probed
-        report = build_report(
-            run_id=self.run_id,
-            config=config.redacted(),
-            counts=self.counts,
-            listing=self.listing.summary(),
-            model={"name": probe.name, "sha256": probe.sha256, "label": probe.label, "task": self.task},
-            output=self.output,
-            started=self.started,
-            finished=datetime.now(UTC),
-            processing_s=self.processing_s,
-            exit_code=exit_code,
-            max_error_rate=config.max_error_rate,
-            previews=previews,
-            warnings=self.warnings,
-        )
-        report["status"] = status
-        report["resumed_runs"] = sorted(self.resumed)
-        report["log"] = qualify(self.fs, run_file(self.root, self.run_id, ".log"))
-        report["timings_s"] = {name: round(seconds, 3) for name, seconds in self.timings.items()}
-        report["ray_data_stats"] = self.stats
-        self.report = report
-        write_atomic(self.fs, self.report_path, scrub(json.dumps(report, indent=2, default=str), self.secrets) + "\n")
 
     # --- helpers ----------------------------------------------------------------------------------
 

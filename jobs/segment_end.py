@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from m2f.jobs.failure import Failure, one_line
-from m2f.jobs.report import summary_table
+from m2f.jobs.report import build_report, summary_table
 from m2f.jobs.resume import supersede
 from m2f.pipeline.output import preview_index, run_file
 from m2f.pipeline.secrets import scrub
@@ -128,7 +130,7 @@ def _final_report(run: SegmentRun, status: str, exit_code: int, previews: int) -
         run.log.close(keep=True)
         return ""
     try:
-        run.write_report(status, exit_code=exit_code, previews=previews)
+        write_report(run, status, exit_code=exit_code, previews=previews)
         log_path = run_file(run.root, run.run_id, ".log")
         write_atomic(run.fs, log_path, scrub(run.log.text(), run.secrets))
     except Exception:
@@ -137,3 +139,31 @@ def _final_report(run: SegmentRun, status: str, exit_code: int, previews: int) -
         return ""
     run.log.close()
     return qualify(run.fs, run.report_path)
+
+
+def write_report(run: SegmentRun, status: str, *, exit_code: int | None = None, previews: int = 0) -> None:
+    """The run report (`_runs/<run_id>.json`): "running" once planned, then how it ended."""
+    config, probe = run.config, run.probe
+    assert probe is not None  # a report is written only once the model has been probed
+    report = build_report(
+        run_id=run.run_id,
+        config=config.redacted(),
+        counts=run.counts,
+        listing=run.listing.summary(),
+        model={"name": probe.name, "sha256": probe.sha256, "label": probe.label, "task": run.task},
+        output=run.output,
+        started=run.started,
+        finished=datetime.now(UTC),
+        processing_s=run.processing_s,
+        exit_code=exit_code,
+        max_error_rate=config.max_error_rate,
+        previews=previews,
+        warnings=run.warnings,
+    )
+    report["status"] = status
+    report["resumed_runs"] = sorted(run.resumed)
+    report["log"] = qualify(run.fs, run_file(run.root, run.run_id, ".log"))
+    report["timings_s"] = {name: round(seconds, 3) for name, seconds in run.timings.items()}
+    report["ray_data_stats"] = run.stats
+    run.report = report
+    write_atomic(run.fs, run.report_path, scrub(json.dumps(report, indent=2, default=str), run.secrets) + "\n")
