@@ -47,6 +47,7 @@ URI_BYTES = 256  # an upper bound on a work-manifest row (its URI) in a Ray bloc
 STREAMING_BLOCKS_AHEAD = 64
 REPLAN_IDLE_S = 30.0  # no image finished for this long: ask whether the cluster still holds the actor pool
 REPLAN_POLL_S = 5.0  # and ask again this often while nothing finishes
+HALT_WAIT_S = 30.0  # how long a re-plan waits for the results thread to leave Ray Data
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +364,13 @@ def stream_results(
             smaller = shrink()
             if smaller is not None:
                 state["halt"] = True
-                stop_execution(ds, puller)
-                return smaller
+                stop_execution(ds, puller, wait=HALT_WAIT_S)
+                if not puller.is_alive():
+                    return smaller
+                # Still inside Ray Data: it might yet hand the writer rows that the re-plan counts as left
+                # (a second row for an image), so no re-plan; end as a stall, keeping what is committed.
+                stop.stall(explain(now - state["last"]) + "; the pipeline did not stop for a re-plan")
+                return None
     if state["error"] is not None and not stop.requested:
         raise state["error"]
     return None
