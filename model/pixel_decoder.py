@@ -116,6 +116,8 @@ class PixelDecoder(nn.Module):
             for y, (h, w) in zip(x.split([h * w for h, w in shapes], 1), shapes, strict=True)
         ]
         lateral = self.lateral(feats[0])
-        up = F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        # outs are channels-last views of the tokens; aten's bilinear kernel on those, made contiguous after,
+        # took 41 ms at 512 x 512 and 183 ms at 800 x 1216 against 4 and 33 ms with the copy first (2 threads)
+        up = F.interpolate(outs[-1].contiguous(), size=lateral.shape[-2:], mode="bilinear", align_corners=False)
         fpn = self.output(lateral + up)
         return self.mask_features(fpn), outs
