@@ -38,7 +38,7 @@ from m2f.pipeline.schema import OUTPUT_SCHEMA
 from tests.processes import kill_tree
 from tests.test_segment_job import REPO, reports, rows_of, segment, write_images
 
-IMAGES = 600
+IMAGES = 1500  # enough that the model is still at work when the first part file lands (600 once was not)
 STALL_S = 30  # --stall-timeout without a replacement; it counts the start-up too (first batch: 10-20 s here)
 PATIENT_STALL_S = 60  # with one: room for the node to join and the model actor to restart there
 GRACE_S = 10  # --grace-seconds
