@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import run_and_publish, table
+from bench.common import median, run_and_publish, table
 from bench.job import run_pipeline, run_pipeline_to_file
 from bench.workload import listed_uris, resolve_model, write_images
 
@@ -292,11 +292,8 @@ def bench(
 
 
 def _median(values: list[float | None]) -> float | None:
-    known = sorted(v for v in values if v is not None)
-    if not known:
-        return None
-    middle = len(known) // 2
-    return known[middle] if len(known) % 2 else (known[middle - 1] + known[middle]) / 2
+    known = [v for v in values if v is not None]
+    return median(known) if known else None
 
 
 def tables(result: dict[str, Any]) -> str:

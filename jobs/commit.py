@@ -136,20 +136,15 @@ class PartWriter:
     def close(self, timeout: float | None = None) -> bool:
         """Commit what is buffered and wait for every file; True when all are in place within `timeout`,
         and the writer takes nothing more. Raises the write failure, if there was one."""
-        done = self.drain(timeout)
+        done = self._commit_all(timeout)
         if done:
             self._queue.put(None)  # the upload thread ends
+        self._raise_failure()
         return done
 
     def drain(self, timeout: float | None = None) -> bool:
         """Commit what is buffered and wait for every file, as `close` does, but stay open for more rows."""
-        with self._lock:
-            item = self._cut(self._buffered) if self._buffered else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if item is not None and not self._enqueue(item, deadline):
-            self._put_back(item)  # the queue stayed full: the rows wait in the buffer for the next call
-            return False
-        done = self._idle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        done = self._commit_all(timeout)
         self._raise_failure()
         return done
 
@@ -170,6 +165,16 @@ class PartWriter:
             return self._buffered + self._pending_rows
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _commit_all(self, timeout: float | None) -> bool:
+        """Queue what is buffered and wait until every file is written; False if `timeout` passed first."""
+        with self._lock:
+            item = self._cut(self._buffered) if self._buffered else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if item is not None and not self._enqueue(item, deadline):
+            self._put_back(item)  # the queue stayed full: the rows wait in the buffer for the next call
+            return False
+        return self._idle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _cut(self, rows: int) -> tuple[str, pa.Table]:
         """Take the first `rows` buffered rows as the next file (under the lock)."""

@@ -252,10 +252,8 @@ def plan_work(listing: Listing, done_keys: np.ndarray, *, fs: AbstractFileSystem
         if keep.any():
             uris = [u for u, k in zip(chunk, keep.tolist(), strict=True) if k]
             for start in range(0, len(uris), WORK_FILE_ROWS):
-                path = posixpath.join(folder, f"work-{len(plan.files):06d}.parquet")
                 part = pa.array(uris[start : start + WORK_FILE_ROWS], pa.string())
-                write_atomic(fs, path, parquet_bytes(pa.table({"image_uri": part})))
-                plan.files.append(path)
+                plan.files.append(_write_work_file(fs, folder, f"work-{len(plan.files):06d}", part))
             pending_chunks.append(keys[keep])
     if pending_chunks:
         plan.pending = np.sort(np.concatenate(pending_chunks))
@@ -275,12 +273,17 @@ def remaining_work(
         keys = np.fromiter((uri_key(u) for u in uris.to_pylist()), dtype=np.uint64, count=len(uris))
         left = uris.filter(pa.array(~isin_sorted(keys, done_keys)))
         if len(left):
-            path = posixpath.join(folder, f"work-r{round}-{len(rest.files):06d}.parquet")
-            write_atomic(fs, path, parquet_bytes(pa.table({"image_uri": left})))
-            rest.files.append(path)
+            rest.files.append(_write_work_file(fs, folder, f"work-r{round}-{len(rest.files):06d}", left))
     for old in plan.files:
         fs.rm(old)
     return rest
+
+
+def _write_work_file(fs: AbstractFileSystem, folder: str, name: str, uris: pa.Array | pa.ChunkedArray) -> str:
+    """One work-manifest file, `folder/name.parquet`, of the column image_uri; returns its path."""
+    path = posixpath.join(folder, f"{name}.parquet")
+    write_atomic(fs, path, parquet_bytes(pa.table({"image_uri": uris})))
+    return path
 
 
 def read_work_files(batch: pa.Table, *, output: str, storage: Storage) -> pa.Table:

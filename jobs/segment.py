@@ -335,7 +335,7 @@ class SegmentRun:
                 if self.stop.requested:
                     return ds
             attempt += 1
-            done = np.unique(np.concatenate(self.committed)) if self.committed else np.empty(0, np.uint64)
+            done = self.committed_keys()
             rest = functools.partial(remaining_work, self.plan, done, fs=self.fs, folder=self.work_dir, round=attempt)
             self.plan = self._storage("write to", config.output, rest)
             self.warn(f"{smaller.reason} for the {len(self.plan.pending)} image(s) left")
@@ -369,6 +369,10 @@ class SegmentRun:
         """Called by the writer's thread after each part file is in place."""
         self.counts.add_commit(commit)
         self.committed.append(commit.keys)
+
+    def committed_keys(self) -> np.ndarray:
+        """(N,) uint64 sorted: every image this run has committed a row for."""
+        return np.unique(np.concatenate(self.committed)) if self.committed else np.empty(0, np.uint64)
 
     # --- helpers ----------------------------------------------------------------------------------
 

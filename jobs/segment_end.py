@@ -96,7 +96,7 @@ def _supersede(run: SegmentRun) -> int:
     """Remove the earlier rows of images whose new row this run committed (see jobs.resume)."""
     if run.existing is None or not (run.committed or len(run.existing.resumed_keys)):
         return 0
-    keys = np.unique(np.concatenate([*run.committed, run.existing.resumed_keys]))
+    keys = np.union1d(run.committed_keys(), run.existing.resumed_keys)
     try:
         return with_retries(lambda: supersede(run.fs, run.existing.parts, keys, run.resumed))
     except Exception as e:  # the next run finishes the tidying; nothing is lost meanwhile

@@ -141,6 +141,17 @@ def start(source: Path, out: Path, logs: Path, *args: object) -> subprocess.Pope
         )
 
 
+@contextlib.contextmanager
+def running(source: Path, out: Path, logs: Path, *args: object) -> Iterator[subprocess.Popen]:
+    """`start`, and on leaving, the process tree killed if the test left it running (a failed assertion)."""
+    process = start(source, out, logs, *args)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            kill_tree(process)
+
+
 def job_args(models: dict[str, str], *, stall_timeout: float) -> list[object]:
     return [
         "--model",
@@ -203,17 +214,15 @@ def test_a_lost_node_without_a_replacement_stalls_with_exit_3_and_a_rerun_finish
     uris = images(source)
     with multi_node_ray() as cluster:
         worker = cluster.add_node(num_cpus=2)
-        process = start(source, out, logs, *job_args(models, stall_timeout=STALL_S), "--ray-address", cluster.address)
-        try:
+        with running(
+            source, out, logs, *job_args(models, stall_timeout=STALL_S), "--ray-address", cluster.address
+        ) as process:
             wait_for_part_file(process, out, logs)
             assert node_of_the_model(cluster) == worker.node_id
             cluster.remove_node(worker)
             # It must end by itself, the head node still up: no answer from Ray is no excuse to wait on.
             returncode = wait_for_exit(process, STALL_S + GRACE_S + MARGIN_S, logs)
             drivers = drivers_of(cluster, process)
-        finally:
-            if process.poll() is None:
-                kill_tree(process)
     text = log_text(logs)
     assert returncode == 3, text
 
@@ -258,8 +267,7 @@ def test_a_lost_node_replaced_within_the_stall_timeout_completes_with_one_row_pe
     with multi_node_ray() as cluster:
         worker = cluster.add_node(num_cpus=2)
         args = job_args(models, stall_timeout=PATIENT_STALL_S)
-        process = start(source, out, logs, *args, "--ray-address", cluster.address)
-        try:
+        with running(source, out, logs, *args, "--ray-address", cluster.address) as process:
             wait_for_part_file(process, out, logs)
             assert node_of_the_model(cluster) == worker.node_id
             cluster.remove_node(worker)
@@ -270,9 +278,6 @@ def test_a_lost_node_replaced_within_the_stall_timeout_completes_with_one_row_pe
             returncode = wait_for_exit(process, PATIENT_STALL_S + GRACE_S + MARGIN_S, logs)
             actors = model_actors(cluster)
             drivers = drivers_of(cluster, process)
-        finally:
-            if process.poll() is None:
-                kill_tree(process)
     text = log_text(logs)
     assert returncode == 0, text
     assert "Traceback" not in text, text
@@ -308,16 +313,12 @@ def test_a_lost_node_that_leaves_too_few_cpus_for_every_actor_and_the_prepare_st
         cluster.add_node(num_cpus=2)
         small = cluster.add_node(num_cpus=1)
         args = [*job_args(models, stall_timeout=PATIENT_STALL_S), "--actors", 2]
-        process = start(source, out, logs, *args, "--ray-address", cluster.address)
-        try:
+        with running(source, out, logs, *args, "--ray-address", cluster.address) as process:
             wait_for_part_file(process, out, logs)
             cluster.remove_node(small)
             at_the_loss = len(rows_of(out, "image_uri"))
             returncode = wait_for_exit(process, 240, logs)
             drivers = drivers_of(cluster, process)
-        finally:
-            if process.poll() is None:
-                kill_tree(process)
     text = log_text(logs)
     assert returncode == 0, text
     assert "Traceback" not in text, text
