@@ -27,13 +27,19 @@ ACTIVATIONS = ("none", "relu", "gelu")
 
 def linear(x: Tensor, layer: nn.Linear, activation: str = "none") -> Tensor:
     """layer(x) for x (..., in_features), followed by a ReLU or the exact (erf) GELU when `activation` says so."""
+    return dense(x, layer.weight, layer.bias, activation)
+
+
+def dense(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
+    """`linear` for a weight (out_features, in_features) and bias that are not an nn.Linear's, e.g. the
+    slices of a packed attention in-projection."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    if _fusable(x, layer):
-        out = _fused(x, layer, activation)
+    if _fusable(x, weight, bias):
+        out = _fused(x, weight, bias, activation)
         if out is not None:
             return out
-    y = F.linear(x, layer.weight, layer.bias)
+    y = F.linear(x, weight, bias)
     if activation == "relu":
         return y.relu_()
     return F.gelu(y) if activation == "gelu" else y
@@ -51,19 +57,20 @@ def unfused() -> Iterator[None]:
         _OFF -= 1
 
 
-def _fusable(x: Tensor, layer: nn.Linear) -> bool:
+def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if _OFF or _FUSED is False or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return False
-    if x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    return not (torch.is_grad_enabled() and needs_grad)
 
 
-def _fused(x: Tensor, layer: nn.Linear, activation: str) -> Tensor | None:
+def _fused(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor | None:
     global _FUSED
     try:
         algorithm = "none" if activation == "gelu" else ""  # gelu: erf, as nn.GELU()
-        out = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, activation, [], algorithm)
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
     except (AttributeError, RuntimeError, NotImplementedError):  # a build without oneDNN's linear
         _FUSED = False
         return None

@@ -94,9 +94,12 @@ class PixelDecoder(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
 
-    def forward(self, feats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, feats: list[Tensor], *, project: bool = True) -> tuple[Tensor, list[Tensor]]:
         """feats [res2, res3, res4, res5] -> (mask_features (B, mask_dim, H/4, W/4),
-        [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)])."""
+        [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]).
+
+        project=False returns the 1/4 map before `self.mask_features` (B, C, H/4, W/4), for a transformer
+        decoder that folds that 1x1 convolution into its mask embeddings (`transformer_decoder.mask_product`)."""
         levels = feats[::-1][: self.num_levels]  # res5, res4, res3
         srcs, pos, shapes = [], [], []
         for lvl, x in enumerate(levels):
@@ -120,4 +123,4 @@ class PixelDecoder(nn.Module):
         # took 41 ms at 512 x 512 and 183 ms at 800 x 1216 against 4 and 33 ms with the copy first (2 threads)
         up = F.interpolate(outs[-1].contiguous(), size=lateral.shape[-2:], mode="bilinear", align_corners=False)
         fpn = self.output(lateral + up)
-        return self.mask_features(fpn), outs
+        return (self.mask_features(fpn) if project else fpn), outs

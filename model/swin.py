@@ -29,10 +29,34 @@ def window_partition(x: Tensor, w: int) -> Tensor:
     return x.reshape(-1, w * w, C)  # (B*nW, w*w, C)
 
 
-def window_reverse(windows: Tensor, w: int, H: int, W: int) -> Tensor:
-    C = windows.shape[-1]
-    x = windows.view(-1, H // w, W // w, w, w, C).transpose(2, 3)  # (B, H/w, w, W/w, w, C)
-    return x.reshape(-1, H, W, C)
+def window_order(H: int, W: int, window: int, shift: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The token order of the zero-padded, cyclically shifted map cut into windows, as indices.
+
+    gather (nW*w*w,): which of the H*W tokens sits at each windowed position, H*W for a padding token;
+    scatter (H*W,): where each token sits in that order. A block then moves its tokens in and out of
+    windows with one `index_select` each way instead of a pad, a roll and a partition copy and their
+    inverses, and runs its token-wise projections on the H*W tokens only: the padding to whole windows
+    (128 -> 133 at 512 x 512 stride 4, 16 -> 21 at stride 32) never reaches a matrix product.
+    """
+    Hp, Wp = H + (-H) % window, W + (-W) % window
+    grid = torch.full((Hp, Wp), H * W, dtype=torch.long, device=device)
+    grid[:H, :W] = torch.arange(H * W, device=device).view(H, W)
+    if shift > 0:
+        grid = torch.roll(grid, shifts=(-shift, -shift), dims=(0, 1))
+    gather = window_partition(grid.view(1, Hp, Wp, 1), window).reshape(-1)  # (nW*w*w,)
+    real = gather < H * W
+    scatter = torch.empty(H * W, dtype=torch.long, device=device)
+    scatter[gather[real]] = torch.arange(gather.numel(), device=device)[real]
+    return gather, scatter
+
+
+def take_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, S, C) -> (B, K, C): the tokens at `index` (K,) of every image. As rows of one (B*S, C) table:
+    `index_select` along dim 1 of the 3-d tensor took 11 ms for 17 689 of 16 385 rows of 288 floats on
+    2 CPU threads, along dim 0 of the 2-d view 0.8 ms."""
+    B, S, C = x.shape
+    rows = index if B == 1 else (index + S * torch.arange(B, device=x.device)[:, None]).reshape(-1)
+    return x.reshape(B * S, C).index_select(0, rows).view(B, -1, C)
 
 
 def shift_attention_mask(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
@@ -65,18 +89,19 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         return table.view(N, N, -1).permute(2, 0, 1)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """x (B*nW, N, C); mask (nW, N, N) additive or None."""
-        Bw, N, C = x.shape
-        qkv = linear(x, self.qkv).view(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B*nW, h, N, d)
+    def forward(self, qkv: Tensor, mask: Tensor | None) -> Tensor:
+        """qkv (B*nW, N, 3C), the windows' projected tokens; mask (nW, N, N) additive or None.
+        Returns (B*nW, N, C) before the output projection, which the block applies to its unpadded tokens."""
+        Bw, N, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = qkv.view(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, h, N, d)
         bias = self.bias().unsqueeze(0).to(q.dtype)  # (1, h, N, N)
         if mask is not None:
             nW = mask.shape[0]
             bias = bias.view(1, 1, self.heads, N, N) + mask.view(1, nW, 1, N, N).to(q.dtype)
             bias = bias.expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return linear(out.transpose(1, 2).reshape(Bw, N, C), self.proj)
+        return out.transpose(1, 2).reshape(Bw, N, C)
 
 
 class SwinBlock(nn.Module):
@@ -110,20 +135,18 @@ class SwinBlock(nn.Module):
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         """x (B, H*W, C) -> (B, H*W, C)."""
         B, L, C = x.shape
-        window, shift = self.window, self.shift
-        y = self.norm1(x).view(B, H, W, C)
-        pad_b, pad_r = (-H) % window, (-W) % window
-        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
+        N = self.window * self.window
+        gather, scatter = window_order(H, W, self.window, self.shift, x.device)
+        # One zero token after the image's stands for the padding; projected, it is the qkv bias, which is
+        # what the zero-padded map gives at every padding position.
+        y = F.pad(self.norm1(x), (0, 0, 0, 1))  # (B, L+1, C)
+        qkv = take_tokens(linear(y, self.attn.qkv), gather)  # (B, nW*N, 3C) in window order
         mask = None
-        if shift > 0:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-            mask = shift_attention_mask(Hp, Wp, window, shift, x.device)
-        y = self.attn(window_partition(y, window), mask)  # (B*nW, w*w, C)
-        y = window_reverse(y, window, Hp, Wp)
-        if shift > 0:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-        y = y[:, :H, :W].reshape(B, L, C)
+        if self.shift > 0:
+            Hp, Wp = H + (-H) % self.window, W + (-W) % self.window
+            mask = shift_attention_mask(Hp, Wp, self.window, self.shift, x.device)
+        out = self.attn(qkv.view(-1, N, 3 * C), mask).view(B, -1, C)  # (B, nW*N, C)
+        y = linear(take_tokens(out, scatter), self.attn.proj)  # (B, L, C) in image order
         x = x + self._drop_path(y)
         fc1, _, fc2 = self.mlp  # Linear, GELU, Linear: the GELU runs inside fc1's kernel where it can
         return x + self._drop_path(linear(linear(self.norm2(x), fc1, "gelu"), fc2))

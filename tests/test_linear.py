@@ -44,3 +44,14 @@ def test_linear_with_autograd_is_f_linear_and_trains() -> None:
     assert x.grad is not None and layer.weight.grad is not None
     with pytest.raises(ValueError, match="activation"):
         linear(x, layer, "tanh")
+
+
+def test_dense_takes_slices_of_a_packed_weight() -> None:
+    """The decoder's attention projects q, k and v with row slices of one packed (3C, C) weight."""
+    torch.manual_seed(1)
+    packed, bias = torch.randn(48, 16), torch.randn(48)
+    x = torch.randn(3, 7, 16)
+    with torch.inference_mode():
+        for w, b in zip(packed.chunk(3), bias.chunk(3), strict=True):
+            torch.testing.assert_close(linear_module.dense(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear_module.dense(x, packed, None, "relu"), F.linear(x, packed).relu())
