@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2f.model.grad_mode import records_grad
 from m2f.model.linear import linear
 
 
@@ -75,7 +76,7 @@ def sample_pixels(
         sampled = F.embedding_bag(rows.view(-1, P * 4), table, per_sample_weights=corner.view(-1, P * 4), mode="sum")
         if out is None:
             out = sampled  # (B*Lq*M, D)
-        elif torch.is_grad_enabled() and out.requires_grad:
+        elif records_grad(out):
             out = out + sampled
         else:
             out.add_(sampled)  # no fresh 1-5 M element tensor per level
@@ -86,7 +87,7 @@ def softmax_last(x: Tensor) -> Tensor:
     """Softmax over the last dimension. Without autograd, as exp(x - max) / sum in three passes: the
     attention weights' last dimension is levels x points (12), and `Tensor.softmax` over so short a row
     took 4.9 ms for (1, 5376, 8, 12) on 2 CPU threads where this takes 0.8 (bench/NOTES.md)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if records_grad(x):
         return x.softmax(-1)
     e = (x - x.amax(-1, keepdim=True)).exp_()
     return e.div_(e.sum(-1, keepdim=True))

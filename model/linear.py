@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2f.model.grad_mode import records_grad
+
 _FUSED: bool | None = None  # whether torch.ops.mkldnn._linear_pointwise works here; found on first use
 _OFF = 0  # depth of `unfused()` contexts
 ACTIVATIONS = ("none", "relu", "gelu")
@@ -62,8 +64,7 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    return not (torch.is_grad_enabled() and needs_grad)
+    return not records_grad(x, weight, bias)
 
 
 def _fused(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor | None:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2f.model.grad_mode import records_grad
+
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (all buffers, none trained)."""
@@ -153,7 +155,7 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """x (B, 3, H, W) -> [res2 (B, C2, H/4, W/4), res3 (H/8), res4 (H/16), res5 (H/32)]."""
         x = self.stem(x).relu_()
-        x = max_pool_3x3_s2(x) if not (torch.is_grad_enabled() and x.requires_grad) else self.pool(x)
+        x = self.pool(x) if records_grad(x) else max_pool_3x3_s2(x)
         feats = []
         for stage in self.stages:
             x = stage(x)

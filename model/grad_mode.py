@@ -1,0 +1,13 @@
+"""Whether autograd is recording: the one test behind the model's inference-only fast paths."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def records_grad(*tensors: Tensor | None) -> bool:
+    """True when an op on these tensors would be recorded for backward: grad mode is on and one of them
+    requires grad. Where it is False, in-place sums, fused oneDNN kernels and the slice-based max-pool are
+    safe to use; where it is True, the layers keep the plain ops autograd differentiates as the reference does."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
