@@ -206,6 +206,24 @@ def assert_one_ok_row_per_image(out: Path, uris: list[str]) -> None:
     assert {r["status"] for r in rows} == {"ok"}
 
 
+def assert_completed_after_the_loss(
+    returncode: int, logs: Path, drivers: list[dict], at_the_loss: int, out: Path, uris: list[str]
+) -> tuple[dict, str]:
+    """A run that lost a node midway (with `at_the_loss` rows committed then) and still completed: exit 0 with
+    a clean log, one driver, a "completed" report counting every image ok, and one ok row per image.
+    Returns the report and the log's text."""
+    text = log_text(logs)
+    assert returncode == 0, text
+    assert "Traceback" not in text, text
+    assert len(drivers) == 1, drivers
+    assert at_the_loss < len(uris)
+    (report,) = reports(out)
+    assert report["status"] == "completed" and report["exit_code"] == 0
+    assert report["counts"]["ok"] == len(uris) and report["counts"]["error"] == 0
+    assert_one_ok_row_per_image(out, uris)
+    return report, text
+
+
 # --- the tests ----------------------------------------------------------------------------------------
 
 
@@ -278,19 +296,10 @@ def test_a_lost_node_replaced_within_the_stall_timeout_completes_with_one_row_pe
             returncode = wait_for_exit(process, PATIENT_STALL_S + GRACE_S + MARGIN_S, logs)
             actors = model_actors(cluster)
             drivers = drivers_of(cluster, process)
-    text = log_text(logs)
-    assert returncode == 0, text
-    assert "Traceback" not in text, text
-    assert len(drivers) == 1, drivers
-    assert at_the_loss < len(uris)
+    assert_completed_after_the_loss(returncode, logs, drivers, at_the_loss, out, uris)
     # The loss hit the model: its one actor was restarted, on the replacement node.
     assert len(actors) == 1 and actors[0]["NumRestarts"] >= 1, actors
     assert actors[0]["Address"]["NodeID"] == replacement.node_id, actors
-
-    (report,) = reports(out)
-    assert report["status"] == "completed" and report["exit_code"] == 0
-    assert report["counts"]["ok"] == len(uris) and report["counts"]["error"] == 0
-    assert_one_ok_row_per_image(out, uris)
 
     # A re-run finds everything done: nothing to process, so no Ray starts in this process.
     result = segment(source, out, "--model", models["semantic"])
@@ -319,15 +328,7 @@ def test_a_lost_node_that_leaves_too_few_cpus_for_every_actor_and_the_prepare_st
             at_the_loss = len(rows_of(out, "image_uri"))
             returncode = wait_for_exit(process, 240, logs)
             drivers = drivers_of(cluster, process)
-    text = log_text(logs)
-    assert returncode == 0, text
-    assert "Traceback" not in text, text
-    assert len(drivers) == 1, drivers
-    assert at_the_loss < len(uris)
-    (report,) = reports(out)
-    assert report["status"] == "completed" and report["exit_code"] == 0
-    assert report["counts"]["ok"] == len(uris) and report["counts"]["error"] == 0
-    assert_one_ok_row_per_image(out, uris)
+    report, text = assert_completed_after_the_loss(returncode, logs, drivers, at_the_loss, out, uris)
     # Whether the loss starved the pipeline depends on where Ray had put what; when it did, the run said so.
     replanned = [w for w in report["warnings"] if "no longer holds 2 model actor(s)" in w]
     assert all("going on with 1 actor(s)" in w for w in replanned), replanned
