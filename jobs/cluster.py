@@ -20,6 +20,9 @@ _QUIET_LOGGERS = {
 }
 
 
+OOM_RETRIES = 3  # tries of a task killed for memory, after the first, on a Ray this job starts
+
+
 def quiet_worker_logs() -> None:
     """Runs in every Ray worker process (worker_process_setup_hook) and in the driver."""
     for name, level in _QUIET_LOGGERS.items():
@@ -85,6 +88,10 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # A task its worker's memory monitor kills is retried forever by default (Ray's task_oom_retries):
+        # one image that no reservation covers would then hold a run for good. A joined cluster keeps its
+        # own setting (set RAY_task_oom_retries where it starts); the user's variable wins here too.
+        os.environ.setdefault("RAY_task_oom_retries", str(OOM_RETRIES))
         ray.init(num_cpus=num_cpus, **kwargs)
     return True
 

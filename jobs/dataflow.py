@@ -27,6 +27,7 @@ from m2f.jobs.progress import Progress
 from m2f.jobs.resume import WORK_FILE_ROWS, WorkPlan, read_work_files
 from m2f.model.config import PreprocessConfig
 from m2f.pipeline.infer import Segmenter, prepare_images
+from m2f.pipeline.reading import ReadLimits
 from m2f.pipeline.rows import encode_rows
 from m2f.pipeline.schema import STATUS_OK
 
@@ -236,6 +237,15 @@ def encode_concurrency(cluster_cpus: float, config: SegmentConfig) -> int:
     return max(1, int(prepare_concurrency(cluster_cpus, config) * ENCODE_SHARE))
 
 
+def read_limits(max_file_bytes: int) -> ReadLimits:
+    """What a prepare task may read: `--max-file-bytes` per file; `M2F_READ_TIMEOUT_S` overrides the seconds
+    one read may take (pipeline.reading's default) where a slow store needs more, or a test less."""
+    timeout = os.environ.get("M2F_READ_TIMEOUT_S")
+    if timeout:
+        return ReadLimits(max_file_bytes=max_file_bytes, timeout_s=float(timeout))
+    return ReadLimits(max_file_bytes=max_file_bytes)
+
+
 def build_dataset(
     config: SegmentConfig,
     plan: WorkPlan,
@@ -274,7 +284,12 @@ def build_dataset(
         prepare_images,
         batch_size=PREPARE_ROWS,
         batch_format="numpy",
-        fn_kwargs={"preprocess": preprocess, "max_pixels": config.max_pixels, "storage": storage},
+        fn_kwargs={
+            "preprocess": preprocess,
+            "max_pixels": config.max_pixels,
+            "storage": storage,
+            "limits": read_limits(config.max_file_bytes),
+        },
         memory=PREPARE_MEMORY,
         compute=ray.data.TaskPoolStrategy(size=prepare_concurrency(cluster_cpus, config)),
     )

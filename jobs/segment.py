@@ -28,8 +28,9 @@ OUTPUT's layout is pipeline/output.py's; how a run ends is jobs/segment_end.py's
 
 How a run ends (the exit code, the report's "status"): 0 or 1 "completed" (error rate within
 --max-error-rate or not); 2, bad arguments, nothing written; 3 "failed" (storage, Ray, the model) or
-"stalled" (nothing finished for --stall-timeout seconds); 130 / 143 "cancelled" (SIGINT / SIGTERM). Every
-ending but 2 keeps what was committed, and a re-run of the same command resumes. One run per OUTPUT at a time.
+"stalled" (nothing finished for --stall-timeout seconds); 130 / 143 "cancelled" (SIGINT / SIGTERM); 75 "busy",
+another run holds OUTPUT, nothing written (one run per OUTPUT at a time: jobs/lease.py). Every ending but 2
+and 75 keeps what was committed, and a re-run of the same command resumes.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from m2f.jobs.dataflow import (
     stream_results,
 )
 from m2f.jobs.failure import Failure, one_line, storage_step
+from m2f.jobs.lease import EXIT_BUSY, Busy, Lease
 from m2f.jobs.lifecycle import Cancelled, RunLog, Stop, handling_signals
 from m2f.jobs.model_probe import ModelProbe, local_gpu, probe_model
 from m2f.jobs.progress import Progress
@@ -94,7 +96,12 @@ def run(config: SegmentConfig) -> int:
     """Run the job; returns the exit code (see the module docstring)."""
     stop = Stop(config.grace_seconds)
     with handling_signals(stop):
-        return SegmentRun(config, stop).run()
+        job = SegmentRun(config, stop)
+        try:
+            return job.run()
+        finally:
+            if job.lease is not None:  # after the final report, in every ending but a SIGKILL
+                job.lease.release()
 
 
 class SegmentRun:
@@ -122,6 +129,7 @@ class SegmentRun:
         self.log = RunLog(self.run_id)
         self.terminal = Console(json_mode=config.json)
         self.report: dict[str, Any] | None = None  # the last report written
+        self.lease: Lease | None = None  # one run per OUTPUT (jobs/lease.py): taken before OUTPUT is touched
 
     def say(self, message: str, *, err: bool = False) -> None:
         self.terminal.line(scrub(message, self.secrets), err=err)
@@ -143,14 +151,16 @@ class SegmentRun:
             status = "cancelled"
         except Failure as e:
             failure = e
-            if e.exit_code == 2:
+            if e.exit_code in (2, EXIT_BUSY):  # bad arguments, or another run holds OUTPUT: nothing written
                 self.say(f"error: {e}", err=True)
                 self._unplan()
                 self.log.close()
                 if self.config.json:
                     invalid = {"run_id": self.run_id, "status": "invalid", "exit_code": 2, "error": str(e)}
+                    if isinstance(e, Busy):
+                        invalid.update(status="busy", exit_code=EXIT_BUSY, holder=e.holder)
                     self.terminal.result(scrub(json.dumps(invalid), self.secrets))
-                return 2
+                return e.exit_code
             status = "failed"
         except Exception as e:  # a bug or an unexpected Ray error: still one line, a report, and exit 3
             log.exception("the run failed")
@@ -176,14 +186,19 @@ class SegmentRun:
             }
         except ValueError as e:
             raise Failure(str(e), 2) from None
-        self.listing = self._storage(
-            "list", config.input, lambda: list_inputs(config.input, self.options["input"]), retry=False
-        )
         self.fs, self.root = self._storage(
             "open", config.output, lambda: open_fs(config.output, self.options["output"])
         )
+        self.listing = self._storage(
+            "list",
+            config.input,
+            lambda: list_inputs(config.input, self.options["input"], output=self.output),
+            retry=False,
+        )
         if self._storage("read", config.output, lambda: self.fs.isfile(self.root)):
             raise Failure(f"OUTPUT {config.output!r} is a file; give a folder or prefix", 2)
+        take = functools.partial(Lease.acquire, self.fs, self.root, self.run_id, on_lost=self.stop.stall)
+        self.lease = self._storage("write to", config.output, take)  # raises Busy (75) while another run holds it
         clock = time.perf_counter()
         try:
             self.probe = probe_model(config.model, config.preset, self.options["model"])
@@ -369,6 +384,8 @@ class SegmentRun:
         """Called by the writer's thread after each part file is in place."""
         self.counts.add_commit(commit)
         self.committed.append(commit.keys)
+        if self.lease is not None and self.lease.lost:  # another run holds OUTPUT now: no more part files
+            raise Failure(self.lease.lost, 3)
 
     def committed_keys(self) -> np.ndarray:
         """(N,) uint64 sorted: every image this run has committed a row for."""

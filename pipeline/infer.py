@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,10 +24,11 @@ from m2f.model.config import PreprocessConfig
 from m2f.model.preprocess import resize_image
 from m2f.pipeline.decode import DecodeError, decode_image
 from m2f.pipeline.predictor import Prediction, Predictor, autocast_dtype
+from m2f.pipeline.reading import CREDENTIALS_IN_URI, ReadLimits, Unreadable, read_all
 from m2f.pipeline.rows import compact_error_row, compact_row, compact_table
 from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, describe
-from m2f.pipeline.secrets import scrub, secret_values
-from m2f.pipeline.storage import Storage, open_fs, protocol_of, with_retries
+from m2f.pipeline.secrets import has_userinfo, scrub, secret_values
+from m2f.pipeline.storage import Storage, open_fs, protocol_of
 
 # One listed image between the prepare stage and the model. Sentinels instead of nulls (0 sizes,
 # -1 bytes) keep the integer columns integer when Ray hands them over as numpy arrays.
@@ -46,9 +46,6 @@ WORK_SCHEMA = pa.schema(
     ]
 )
 
-READ_THREADS = 8  # concurrent reads per prepare task: object-store GETs wait on the network, not the CPU
-
-
 # --- prepare: read, decode, resize ----------------------------------------------------------------
 
 
@@ -58,12 +55,14 @@ def prepare_images(
     preprocess: PreprocessConfig,
     max_pixels: int,
     storage: Storage | None = None,
-    read_threads: int = READ_THREADS,
+    limits: ReadLimits | None = None,
 ) -> pa.Table:
     """batch {"image_uri": [...]} -> WORK_SCHEMA rows: the resized pixels, or an error reason.
 
-    Reads run on `read_threads` threads (object stores answer slowly, concurrently); decoding follows
-    one image at a time. Options for each URI come from `storage.options(uri)` (None: local files only).
+    Each URI is inspected before it is read and read within `limits` (`pipeline.reading`: regular files
+    only, at most `limits.max_file_bytes`, a deadline per read, a byte budget for the reads ahead); decoding
+    follows one image at a time, as each read arrives. Options for each URI come from
+    `storage.options(uri)` (None: local files only).
     """
     storage = storage or Storage()
     uris = [str(u) for u in batch["image_uri"]]
@@ -74,23 +73,19 @@ def prepare_images(
             options_by_protocol[protocol] = storage.options(uri)
     secrets = secret_values({"options": list(options_by_protocol.values())})
 
-    def read(uri: str) -> bytes | str:
-        # Transient failures (5xx, throttling, dropped connections, a body cut short, which s3fs
-        # raises as ClientPayloadError, never as short data) are retried; a missing file is not.
-        try:
-            fs, path = open_fs(uri, options_by_protocol[protocol_of(uri)])
-            return with_retries(lambda: fs.cat_file(path))
-        except FileNotFoundError:
-            return "unreadable: file not found"
-        except Exception as e:  # any storage failure is this file's error, not the job's
-            return f"unreadable: {scrub(describe(e), secrets)}"
+    def open_uri(uri: str) -> tuple[Any, str]:
+        if has_userinfo(uri):  # a manifest's entry with user:password@ (listed with the secret masked)
+            raise Unreadable(CREDENTIALS_IN_URI)
+        return open_fs(uri, options_by_protocol[protocol_of(uri)])
 
     columns: dict[str, list[Any]] = {field.name: [] for field in WORK_SCHEMA}
-    with ThreadPoolExecutor(max_workers=max(1, min(read_threads, len(uris)))) as pool:
-        for uri, data in zip(uris, pool.map(read, uris), strict=True):
-            row = _prepare_one(uri, data, preprocess, max_pixels, secrets)
-            for name, value in row.items():
-                columns[name].append(value)
+    # Transient storage failures (5xx, throttling, dropped connections, a body cut short, which s3fs raises
+    # as ClientPayloadError, never as short data) are retried inside read_all; a missing file is not.
+    for uri, data in read_all(uris, open_uri, limits or ReadLimits(), lambda e: scrub(describe(e), secrets)):
+        row = _prepare_one(uri, data, preprocess, max_pixels, secrets)
+        del data  # the file's bytes go before the next file is taken (the read budget counts on it)
+        for name, value in row.items():
+            columns[name].append(value)
     return pa.table(columns, schema=WORK_SCHEMA)
 
 

@@ -11,7 +11,13 @@ Rules, in the order `list_inputs` applies them:
 - any other existing file is a single input, taken as given;
 - an existing folder/prefix is walked recursively: image extensions only (case-insensitive),
   hidden names (starting with ".") skipped, symlinked folders not followed (no cycles);
-- anything else raises FileNotFoundError naming the input.
+- anything else raises FileNotFoundError naming the input;
+- OUTPUT is never listed (`exclude`): a run whose OUTPUT lies inside INPUT would otherwise segment its own
+  previews on the next run. Everything under OUTPUT is left out, or, where INPUT itself lies inside
+  OUTPUT, OUTPUT's own folders (`_runs`, `_previews`, `_quarantine`); such URIs count as skipped;
+- a manifest entry with user-info (`s3://KEY:SECRET@bucket/x.jpg`) is listed with it masked
+  (`s3://***@bucket/x.jpg`): the secret never reaches a work file, a row or a log, and the masked URI
+  becomes that line's error row where it is read.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.dataset as pa_ds
 from fsspec import AbstractFileSystem
 
+from m2f.pipeline.output import PREVIEWS_DIR, QUARANTINE_DIR, RUNS_DIR
+from m2f.pipeline.secrets import without_userinfo
 from m2f.pipeline.storage import is_local, open_fs, protocol_of, qualify, with_retries
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -69,6 +77,8 @@ class Listing:
     skipped_count: int = 0
     skipped: list[str] = field(default_factory=list)
     skipped_by_extension: Counter[str] = field(default_factory=Counter)
+    exclude: tuple[str, ...] = ()  # qualified URIs (OUTPUT, or its own folders) never listed, nor what is under them
+    excluded_count: int = 0  # URIs left out by `exclude` (also counted as skipped)
 
     def uris(self) -> Iterator[str]:
         """Image URIs, fully qualified, in a deterministic order."""
@@ -76,6 +86,7 @@ class Listing:
         self.skipped_count = 0
         self.skipped = []
         self.skipped_by_extension = Counter()
+        self.excluded_count = 0
         if self.kind == "folder":
             source = self._walk()
         elif self.kind == "glob":
@@ -85,6 +96,10 @@ class Listing:
         else:
             source = iter([qualify(self.fs, self.path)])
         for uri in source:
+            if self.exclude and _under_any(uri, self.exclude):
+                self.excluded_count += 1
+                self._skip(uri)
+                continue
             self.listed_count += 1
             yield uri
 
@@ -113,6 +128,7 @@ class Listing:
             "skipped": self.skipped_count,
             "skipped_by_extension": dict(sorted(self.skipped_by_extension.items())),
             "skipped_sample": list(self.skipped),
+            "output_excluded": self.excluded_count,
         }
 
     def _skip(self, path: str) -> None:
@@ -138,6 +154,8 @@ class Listing:
                 if entry["type"] == "directory":
                     if name.startswith(".") or entry.get("islink"):
                         continue
+                    if self.exclude and _under_any(qualify(self.fs, path), self.exclude):
+                        continue  # OUTPUT (or one of its folders): not walked at all
                     subfolders.append(path)
                 elif entry["type"] == "other" and not entry.get("islink"):
                     self._skip(path)  # a FIFO, socket or device: reading it could block
@@ -162,7 +180,7 @@ def has_glob(path: str) -> bool:
     return any(c in path for c in GLOB_CHARS)
 
 
-def list_inputs(input: str, options: dict[str, Any]) -> Listing:
+def list_inputs(input: str, options: dict[str, Any], *, output: str | None = None) -> Listing:
     """Classify INPUT and check that it exists; iterate the result's `uris()` for the images.
 
     Raises FileNotFoundError (naming `input`) if the folder, file or glob base does not exist, and
@@ -170,10 +188,35 @@ def list_inputs(input: str, options: dict[str, Any]) -> Listing:
     storage failure (no credentials, access denied, an unreachable endpoint) is raised as it is,
     after `with_retries` where it is transient: it never passes for a missing input. Each storage
     call here and in the iteration is retried on its own, so callers need not retry these again.
+
+    `output`: OUTPUT as a qualified URI (`storage.qualify` of its filesystem and path), left out of the
+    listing (see the module docstring).
     """
     if not input:
         raise ValueError("INPUT is empty")
     fs, path = open_fs(input, options)
+    listing = _classify(input, fs, path)
+    if output:
+        listing.exclude = excluded_by(qualify(fs, _glob_base(path) if has_glob(path) else path), output)
+    return listing
+
+
+def excluded_by(input_uri: str, output_uri: str) -> tuple[str, ...]:
+    """What a listing of `input_uri` leaves out for OUTPUT `output_uri` (both qualified): OUTPUT and all under
+    it, or only OUTPUT's own folders when INPUT lies inside OUTPUT (the images are the user's there)."""
+    output_uri = output_uri.rstrip("/") or output_uri
+    if _under_any(input_uri, (output_uri,)):
+        return tuple(posixpath.join(output_uri, name) for name in (RUNS_DIR, PREVIEWS_DIR, QUARANTINE_DIR))
+    return (output_uri,)
+
+
+def _under_any(uri: str, roots: tuple[str, ...]) -> bool:
+    """Whether `uri` is one of `roots` or lies under one (plain prefixes of qualified URIs, "/"-separated)."""
+    uri = uri.rstrip("/")
+    return any(uri == root or uri.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def _classify(input: str, fs: AbstractFileSystem, path: str) -> Listing:
     if has_glob(path):
         base = _glob_base(path)
         if base and _entry_type(fs, base) is None:
@@ -268,6 +311,7 @@ def _resolve(entry: str, fs: AbstractFileSystem, base: str) -> str:
     on the manifest's own filesystem (so "a/b.jpg" in s3://bkt/m.txt is s3://bkt/a/b.jpg).
     """
     if "://" in entry:
+        entry = without_userinfo(entry)
         if protocol_of(entry) == "file":
             return os.path.normpath(entry.split("://", 1)[1])
         return entry
