@@ -45,6 +45,8 @@ URI_COLUMN = "uri"
 GLOB_CHARS = ("*", "?", "[")
 MAX_SKIPPED_RECORDED = 1000  # a sample for the run report; the count is always exact
 MANIFEST_BATCH_ROWS = 65_536
+MAX_ENTRY_CHARS = 8192  # a manifest line longer than this is no URI: skipped (and counted), never held whole
+TOO_LONG = "(manifest line too long)"
 
 Kind = Literal["folder", "glob", "manifest", "file"]
 
@@ -96,6 +98,9 @@ class Listing:
         else:
             source = iter([qualify(self.fs, self.path)])
         for uri in source:
+            if uri == TOO_LONG:
+                self._skip(uri)
+                continue
             if self.exclude and _under_any(uri, self.exclude):
                 self.excluded_count += 1
                 self._skip(uri)
@@ -133,9 +138,9 @@ class Listing:
 
     def _skip(self, path: str) -> None:
         self.skipped_count += 1
-        self.skipped_by_extension[_extension(posixpath.basename(path))] += 1
+        self.skipped_by_extension[path if path == TOO_LONG else _extension(posixpath.basename(path))] += 1
         if len(self.skipped) < MAX_SKIPPED_RECORDED:
-            self.skipped.append(qualify(self.fs, path))
+            self.skipped.append(path if path == TOO_LONG or "://" in path else qualify(self.fs, path))
 
     def _walk(self) -> Iterator[str]:
         # Depth first: a folder's files (sorted), then its subfolders (sorted), one `ls` each.
@@ -229,6 +234,8 @@ def _classify(input: str, fs: AbstractFileSystem, path: str) -> Listing:
     if entry_type == "directory":
         kind = "manifest" if path.rstrip("/").lower().endswith(".parquet") else "folder"
         return Listing(input=input, kind=kind, fs=fs, path=path)
+    if entry_type is not None:  # a FIFO, a device or a socket: reading it could block or never end
+        raise ValueError(f"input {input!r} is not a regular file or folder (fsspec type {entry_type!r})")
     raise FileNotFoundError(f"input {input!r} does not exist (no such file, folder or prefix)")
 
 
@@ -265,12 +272,19 @@ def _read_manifest(fs: AbstractFileSystem, path: str) -> Iterator[str]:
     else:
         entries = _parquet_entries(fs, path)
     for entry in entries:
-        yield _resolve(entry, fs, base)
+        yield entry if entry == TOO_LONG else _resolve(entry, fs, base)
 
 
 def _txt_entries(fs: AbstractFileSystem, path: str) -> Iterator[str]:
+    """The entries of a .txt manifest; a line longer than MAX_ENTRY_CHARS (no URI is: a 1 GB "line" is) is
+    consumed a bounded piece at a time and given as TOO_LONG, never held whole."""
     with fs.open(path, "rt", encoding="utf-8-sig") as f:
-        for line in f:
+        while line := f.readline(MAX_ENTRY_CHARS + 1):
+            if len(line) > MAX_ENTRY_CHARS and not line.endswith("\n"):
+                while (rest := f.readline(MAX_ENTRY_CHARS)) and not rest.endswith("\n"):
+                    pass
+                yield TOO_LONG
+                continue
             entry = line.strip()
             if entry and not entry.startswith("#"):
                 yield entry

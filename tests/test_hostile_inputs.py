@@ -216,6 +216,22 @@ def test_output_is_never_listed_whatever_the_nesting(tmp_path: Path) -> None:
     assert excluded_by("s3://b/in", "s3://b/in-out") == ("s3://b/in-out",)
 
 
+def test_a_manifest_line_too_long_for_a_uri_is_skipped_and_counted(tmp_path: Path) -> None:
+    manifest = tmp_path / "in.txt"
+    with open(manifest, "w") as f:
+        f.write("/data/a.jpg\n" + "x" * 5_000_000 + "\n/data/b.jpg\n" + "y" * 100_000)
+    listing = list_inputs(str(manifest), {})
+    assert list(listing.uris()) == ["/data/a.jpg", "/data/b.jpg"]
+    assert listing.skipped_count == 2
+
+
+def test_an_input_that_is_a_fifo_or_a_device_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "list.txt")
+    for special in (str(tmp_path / "list.txt"), "/dev/zero"):
+        with pytest.raises(ValueError, match="is not a regular file or folder"):
+            list_inputs(special, {})
+
+
 # --- end to end -----------------------------------------------------------------------------------
 
 
