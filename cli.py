@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-from enum import StrEnum
-from typing import Annotated
+import json
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from m2f.jobs.config_file import merged_options, required
-from m2f.jobs.configs import DEVICES, PRECISIONS, SegmentConfig, TrainConfig
+from m2f.jobs.configs import DEVICES, LIMITS, PRECISIONS, SegmentConfig, TrainConfig, number
 from m2f.jobs.console import Console
 from m2f.pipeline.storage import Storage
 
@@ -20,15 +20,25 @@ app = typer.Typer(
 )
 
 
-def choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
-    """An enum of `values` for typer, which shows them in --help and checks them."""
-    return StrEnum(name, {value.replace("-", "_"): value for value in values})  # type: ignore[return-value]
+def one_of(*values: str) -> dict[str, Any]:
+    """typer settings for a string that must be one of `values`: shown in --help and checked by typer,
+    and a wrong value is not echoed (it may be 100 000 characters long)."""
+
+    def parse(value: str) -> str:
+        if value not in values:
+            raise typer.BadParameter(f"must be one of {', '.join(values)}")
+        return value
+
+    return {"parser": parse, "metavar": f"[{'|'.join(values)}]"}
 
 
-Task = choices("Task", ("semantic", "instance", "panoptic"))
-Device = choices("Device", DEVICES)
-Precision = choices("Precision", PRECISIONS)
-DataFormat = choices("DataFormat", ("coco-panoptic", "coco-instances", "semantic"))
+def bounded(text: str, name: str) -> str:
+    """An option's help with its bounds from configs.LIMITS (SegmentConfig.validate checks them)."""
+    low, high = LIMITS[name]
+    return f"{text} ({number(low)} to {number(high)})"
+
+
+TASKS, DATA_FORMATS = ("semantic", "instance", "panoptic"), ("coco-panoptic", "coco-instances", "semantic")
 S, T = SegmentConfig, TrainConfig  # each option's default is its config field's, written once there
 
 ModelOpt = functools.partial(typer.Option, rich_help_panel="Model")  # groups: no --help table wraps at 80 columns
@@ -51,13 +61,46 @@ RayAddressOpt = Annotated[
 ]
 
 
+def refuse(message: str, *, json_mode: bool = False) -> NoReturn:
+    """A bad argument: one line on stderr (with --json, the 'invalid' result as stdout's last line); exit 2."""
+    console = Console(json_mode=json_mode)
+    console.line(f"error: {message}", err=True)
+    if json_mode:
+        console.result(json.dumps({"status": "invalid", "exit_code": 2, "error": message}))
+    raise typer.Exit(2)
+
+
+def checked_uris(**named: str | None) -> None:
+    """Refuse over-long URIs and URIs with credentials in them (`s3://user:pass@...`), one line, exit 2.
+    Keys: the option's name as the user writes it, "_" for "-" (`gt`, `endpoint_url`), upper case for arguments."""
+    from m2f.jobs.arguments import check_uris
+
+    try:
+        check_uris({(k if k.isupper() else f"--{k.replace('_', '-')}"): v for k, v in named.items()})
+    except ValueError as e:
+        refuse(str(e))
+
+
 def storage_of(endpoint_url: str | None, storage_options: str | None) -> Storage:
     """The Storage for --endpoint-url and --storage-options; malformed options: one error line, exit 2."""
+    from m2f.jobs.arguments import check_text
+
     try:
+        check_text({"--endpoint-url": endpoint_url}, storage_options)
         return Storage.from_cli(endpoint_url, storage_options)
     except ValueError as e:  # its message never echoes the JSON, which may hold a secret
-        Console().line(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        refuse(str(e))
+
+
+def options_of(ctx: typer.Context, config_file: str | None, *names: str, json_mode: bool = False) -> dict[str, Any]:
+    """The command's options (command line over --config file over defaults), `names` required; a bad
+    --config file or a missing argument: one line, exit 2."""
+    try:
+        values = merged_options(ctx, config_file)
+        required(values, *names)
+    except typer.BadParameter as e:
+        refuse(e.message, json_mode=json_mode)
+    return values
 
 
 ConfigOpt = Annotated[
@@ -89,28 +132,39 @@ def segment(
     config_file: ConfigOpt = None,
     model: Annotated[str, ModelOpt(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")] = S.model,
     preset: Annotated[str | None, ModelOpt(help="Dataset preset for a detectron2 checkpoint.")] = None,
-    task: Annotated[Task | None, ModelOpt(help="Post-processing; default: the checkpoint's task.")] = None,
+    task: Annotated[
+        str | None, ModelOpt(help="Post-processing; default: the checkpoint's task.", **one_of(*TASKS))
+    ] = None,
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
-    actors: Annotated[int, ComputeOpt(min=1, help="Model actors (one model copy each).")] = S.actors,
-    batch_size: Annotated[int, ComputeOpt(min=1, help="Images per forward pass.")] = S.batch_size,
-    device: Annotated[Device, ComputeOpt(help="Where the model runs.")] = Device(S.device),
+    actors: Annotated[int, ComputeOpt(help=bounded("Model actors (one model copy each).", "actors"))] = S.actors,
+    batch_size: Annotated[int, ComputeOpt(help=bounded("Images per forward pass.", "batch_size"))] = S.batch_size,
+    device: Annotated[str, ComputeOpt(help="Where the model runs.", **one_of(*DEVICES))] = S.device,
     gpus_per_actor: Annotated[
-        float, ComputeOpt(min=0.0, help="GPUs per actor (fractions share a GPU).")
+        float, ComputeOpt(help=bounded("GPUs per actor (fractions share a GPU).", "gpus_per_actor"))
     ] = S.gpus_per_actor,
     cpus_per_actor: Annotated[
-        float, ComputeOpt(min=0.0, help="CPUs per model actor (and torch threads).")
+        float, ComputeOpt(help=bounded("CPUs per model actor (and torch threads).", "cpus_per_actor"))
     ] = S.cpus_per_actor,
-    precision: Annotated[Precision, ModelOpt(help="Autocast precision of the forward pass.")] = Precision(S.precision),
+    precision: Annotated[
+        str, ModelOpt(help="Autocast precision of the forward pass.", **one_of(*PRECISIONS))
+    ] = S.precision,
     score_threshold: Annotated[
         float | None, ModelOpt(help="Drop segments scoring below this; default 0.5 for instance, else 0.")
     ] = None,
-    max_pixels: Annotated[int, RunOpt(help="Reject larger images (decompression bombs).")] = S.max_pixels,
+    max_pixels: Annotated[
+        int, RunOpt(help=bounded("Reject larger images (decompression bombs).", "max_pixels"))
+    ] = S.max_pixels,
+    max_file_bytes: Annotated[
+        int, RunOpt(help=bounded("Reject larger files (an error row) without reading them.", "max_file_bytes"))
+    ] = S.max_file_bytes,
     max_error_rate: Annotated[
-        float, RunOpt(min=0.0, max=1.0, help="Exit non-zero above this error rate.")
+        float, RunOpt(help=bounded("Exit non-zero above this error rate.", "max_error_rate"))
     ] = S.max_error_rate,
     overwrite: Annotated[bool, RunOpt("--overwrite", help="Redo images that already have an ok row.")] = S.overwrite,
-    preview: Annotated[int, RunOpt(min=0, help="Write this many overlay PNGs under OUTPUT/_previews/.")] = S.preview,
+    preview: Annotated[
+        int, RunOpt(help=bounded("Write this many overlay PNGs under OUTPUT/_previews/.", "preview"))
+    ] = S.preview,
     progress: Annotated[
         bool | None,
         OutputOpt(
@@ -119,13 +173,18 @@ def segment(
         ),
     ] = None,
     flush_seconds: Annotated[
-        float, LifecycleOpt(min=0.001, help="Commit a part file once its oldest row has waited this long.")
+        float,
+        LifecycleOpt(help=bounded("Commit a part file once its oldest row has waited this long.", "flush_seconds")),
     ] = S.flush_seconds,
     grace_seconds: Annotated[
-        float, LifecycleOpt(min=0.0, help="On SIGTERM/SIGINT: time to commit finished rows before exiting.")
+        float,
+        LifecycleOpt(help=bounded("On SIGTERM/SIGINT: time to commit finished rows before exiting.", "grace_seconds")),
     ] = S.grace_seconds,
     stall_timeout: Annotated[
-        float, LifecycleOpt(min=0.001, help="End the run (exit 3) when no image finishes for this many seconds.")
+        float,
+        LifecycleOpt(
+            help=bounded("End the run (exit 3) when no image finishes for this many seconds.", "stall_timeout")
+        ),
     ] = S.stall_timeout,
     allow_empty: Annotated[
         bool, RunOpt("--allow-empty", help="An INPUT that lists no image is not an error (exit 0).")
@@ -140,13 +199,12 @@ def segment(
     Rows are committed while the run goes (every 512 rows or --flush-seconds).
 
     Exit codes: 0 done; 1 error rate above --max-error-rate; 2 bad arguments;
-    3 storage, cluster or model failure, or a stall; 130/143 cancelled by SIGINT/SIGTERM.
-    After any of them but 2, re-running the same command resumes.
+    3 storage, cluster or model failure, or a stall; 130/143 cancelled by SIGINT/SIGTERM;
+    75 another run holds OUTPUT (retry later). After any of them but 2 and 75, re-running resumes.
     """
     from m2f.jobs.segment import run
 
-    values = merged_options(ctx, config_file)
-    required(values, "input", "output")
+    values = options_of(ctx, config_file, "input", "output", json_mode=json_report)
     values["storage_options_json"] = values.pop("storage_options")
     values["json"] = values.pop("json_report")
     config = SegmentConfig(**values, config_file=config_file)
@@ -161,7 +219,7 @@ def train(
         str | None, typer.Argument(help="Where checkpoints and metrics.jsonl go (local or object storage).")
     ] = None,
     config_file: ConfigOpt = None,
-    format: Annotated[DataFormat, DataOpt(help="Annotation format under DATA.")] = DataFormat(T.format),
+    format: Annotated[str, DataOpt(help="Annotation format under DATA.", **one_of(*DATA_FORMATS))] = T.format,
     annotations: Annotated[
         str | None, DataOpt(help="Annotation JSON (default: DATA/panoptic.json or instances.json).")
     ] = None,
@@ -197,8 +255,10 @@ def train(
     """Fine-tune (or train from scratch) on Ray Train; resumes from OUTPUT's latest checkpoint."""
     from m2f.jobs.train import run
 
-    values = merged_options(ctx, config_file)
-    required(values, "data", "output")
+    values = options_of(ctx, config_file, "data", "output")
+    uris = ("data", "output", "annotations", "images", "masks", "init", "endpoint_url")
+    checked_uris(**{name.upper() if name in ("data", "output") else name: values[name] for name in uris})
+    storage_of(values["endpoint_url"], values["storage_options"])  # a bad --storage-options: one line, exit 2
     values["storage_options_json"] = values.pop("storage_options")
     config = TrainConfig(**values)
     raise typer.Exit(run(config))
@@ -214,7 +274,7 @@ def evaluate(
             "indices, 255 = ignore."
         ),
     ],
-    gt_format: Annotated[DataFormat, typer.Option(help="Ground-truth format.")] = DataFormat.coco_panoptic,
+    gt_format: Annotated[str, typer.Option(help="Ground-truth format.", **one_of(*DATA_FORMATS))] = "coco-panoptic",
     masks: Annotated[
         str | None, typer.Option(help="coco-panoptic only: the PNG folder (default: beside the JSON, same stem).")
     ] = None,
@@ -244,7 +304,10 @@ def evaluate(
     values = dict(locals())  # the parameters, before anything else is bound here
     from m2f.jobs.evaluate import EvaluateConfig, run
 
-    values["gt_format"], values["storage_options_json"] = gt_format.value, values.pop("storage_options")
+    checked_uris(PREDICTIONS=predictions, GROUND_TRUTH=ground_truth, masks=masks, categories=categories)
+    checked_uris(json=json_out, endpoint_url=endpoint_url)
+    storage_of(endpoint_url, storage_options)
+    values["storage_options_json"] = values.pop("storage_options")
     raise typer.Exit(run(EvaluateConfig(**values)))
 
 
@@ -275,6 +338,7 @@ def export_coco(
     """
     from m2f.jobs.export_coco import export_coco as export
 
+    checked_uris(PREDICTIONS=predictions, RESULTS=results, gt=ground_truth, endpoint_url=endpoint_url)
     storage, fmt = storage_of(endpoint_url, storage_options), result_format
     raise typer.Exit(export(predictions, results, ground_truth, storage=storage, result_format=fmt))
 
@@ -288,6 +352,7 @@ def synth(
     storage_options: StorageOpt = None,
 ) -> None:
     """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
+    checked_uris(OUTPUT=output, endpoint_url=endpoint_url)
     from m2f.pipeline.training.synthetic import generate
 
     done = generate(output, n, seed, storage=storage_of(endpoint_url, storage_options))

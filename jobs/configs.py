@@ -21,6 +21,27 @@ FLUSH_SECONDS = 30.0  # the longest a finished row waits in the driver before it
 GRACE_SECONDS = 20.0  # after SIGTERM/SIGINT: time to commit finished rows before exiting
 STALL_TIMEOUT = 900.0  # end a run in which no image finished for this long
 
+# --- limits: each bound of an option in one place (validate() checks them; README lists them) -------
+WEEK = 7 * 24 * 3600.0  # the longest wait any option may ask for: longer is a typo, not a plan
+# (lowest, highest), inclusive. The highest are far beyond any run we know, and far below what breaks.
+LIMITS: dict[str, tuple[float, float]] = {
+    "actors": (1, 10_000),  # a 10 000-GPU cluster: beyond it, a typo
+    "batch_size": (1, 1024),  # images per forward pass: 256 times the default of 4
+    "gpus_per_actor": (0, 1024),
+    "cpus_per_actor": (0, 1024),
+    "max_pixels": (1, 2**31),  # a decoded RGB image of 2**31 pixels is 6 GiB
+    "max_file_bytes": (1, 64 * 1024**3),
+    "preview": (0, 10_000),  # overlay PNGs written by the driver: a sample, not a second output
+    "flush_seconds": (0.001, WEEK),
+    "grace_seconds": (0, WEEK),
+    "stall_timeout": (0.001, WEEK),
+    "max_error_rate": (0, 1),
+    "score_threshold": (0, 1),
+}
+MAX_STRING_CHARS = 4096  # a URI, path or name (PATH_MAX on Linux); longer values are refused, not echoed
+MAX_STORAGE_OPTIONS_CHARS = 64 * 1024  # the --storage-options JSON
+MAX_CONFIG_FILE_BYTES = 1024**2  # a --config file; it is read whole, and only this much of it
+
 
 @dataclass(frozen=True)
 class SegmentConfig:
@@ -41,6 +62,7 @@ class SegmentConfig:
     precision: str = "fp32"
     score_threshold: float | None = None  # None: 0.5 for instance output (as detectron2's demo), else 0
     max_pixels: int = 100_000_000
+    max_file_bytes: int = 512 * 1024**2  # larger files are error rows unread: no real image needs more
     max_error_rate: float = 0.0
     overwrite: bool = False
     preview: int = 0
@@ -54,9 +76,18 @@ class SegmentConfig:
     config_file: str | None = None  # the --config file the values came from, for the report
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad option."""
+        """Raise ValueError naming the first bad option, without echoing a long value or a secret.
+
+        The options alone first (lengths, credentials in URIs, choices, LIMITS), then what they name:
+        OUTPUT is no filesystem root and not INPUT, a local Ray can hold the actors (when no --ray-address
+        is given), and a local OUTPUT can be written (probed; nothing is left behind).
+        """
+        from m2f.jobs import arguments  # here, not at the top: jobs.arguments imports this module
         from m2f.model.config import TASKS  # here, not at the top: m2f.model imports torch
 
+        arguments.check_text(self.texts(), self.storage_options_json)
+        uris = {"INPUT": self.input, "OUTPUT": self.output, "--model": self.model, "--endpoint-url": self.endpoint_url}
+        arguments.check_no_userinfo(uris)
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.device not in DEVICES:
@@ -65,21 +96,30 @@ class SegmentConfig:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-        for name in ("actors", "batch_size", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("gpus_per_actor", "cpus_per_actor", "preview", "grace_seconds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("flush_seconds", "stall_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
-            raise ValueError(f"--score-threshold must lie in [0, 1], got {self.score_threshold}")
-        if not 0.0 <= self.max_error_rate <= 1.0:
-            raise ValueError(f"--max-error-rate must lie in [0, 1], got {self.max_error_rate}")
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:  # NaN too
+                raise ValueError(f"--{name.replace('_', '-')} must lie in {limit_text(name)}, got {number(value)}")
         if self.storage_options_json:  # checked even when every path is local and would never parse it
             Storage.from_cli(None, self.storage_options_json)
+        arguments.check_output_place(self.input, self.output)
+        if not self.ray_address:
+            cpus, gpus = arguments.local_resources(self.device, self.gpus_per_actor)
+            arguments.check_local_capacity(
+                actors=self.actors,
+                cpus_per_actor=self.cpus_per_actor,
+                gpus_per_actor=self.gpus_per_actor,
+                device=self.device,
+                cpus=cpus,
+                gpus=gpus,
+            )
+        arguments.probe_local_output(self.output)
+
+    def texts(self) -> dict[str, str | None]:
+        """The string options by the names the user knows them by (INPUT, --model, ...)."""
+        names = ("model", "preset", "task", "device", "precision", "endpoint_url", "ray_address", "config_file")
+        named = {f"--{name.replace('_', '-')}": getattr(self, name) for name in names}
+        return {"INPUT": self.input, "OUTPUT": self.output, **named}
 
     @property
     def storage(self) -> Storage:
@@ -141,6 +181,20 @@ class TrainConfig:
 
     def options(self, uri: str) -> dict[str, Any]:
         return self.storage.options(uri)
+
+
+def number(value: float) -> str:
+    """A bound or a value for a message: 10000, 0.001, 604800, inf (no 1e+04; never hundreds of digits)."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:g}"
+    text = str(value)
+    return text if len(text) <= 24 else f"a number of {len(text)} digits"
+
+
+def limit_text(name: str) -> str:
+    """An option's bounds as the user reads them: "[1, 10000]"."""
+    low, high = LIMITS[name]
+    return f"[{number(low)}, {number(high)}]"
 
 
 def _absolute(path: str | None) -> str | None:

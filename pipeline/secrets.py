@@ -21,6 +21,8 @@ SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 _SECRET_KEY = re.compile(r"key|secret|token|passw|credential|session", re.IGNORECASE)
 # user:password@ inside a URL such as https://user:pw@host/...
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# A URI's user-info: from "scheme://" to the last "@" of the authority, which ends at the first / ? or #.
+_AUTHORITY_USERINFO = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 MIN_SECRET_LENGTH = 4  # shorter "secrets" would garble ordinary words when replaced
 
 
@@ -39,6 +41,20 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, str):
         return _URL_USERINFO.sub(REDACTED + "@", obj)
     return obj
+
+
+def has_userinfo(uri: str) -> bool:
+    """Whether `uri` names a user in its authority: `s3://user:pass@host/key`, `s3://user@host`.
+
+    Only the authority counts (between "://" and the next "/", "?" or "#"): the "@" of
+    `s3://bucket/key@2x.jpg` is part of the key, and a plain path (no scheme) has no user-info.
+    """
+    return _AUTHORITY_USERINFO.match(uri) is not None
+
+
+def without_userinfo(uri: str) -> str:
+    """`uri` with its user-info replaced by "***" (`s3://***@host/key`); any other URI as it is."""
+    return _AUTHORITY_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", uri, count=1)
 
 
 def env_secrets() -> list[str]:
