@@ -295,7 +295,11 @@ def read_work_files(batch: pa.Table, *, output: str, storage: Storage) -> pa.Tab
 
 
 def remove_stale_work(fs: AbstractFileSystem, root: str) -> None:
-    """Work manifests of runs that were killed (one run per OUTPUT at a time, so none is live)."""
+    """Work manifests of runs that were killed.
+
+    Safe because it runs only while this run holds OUTPUT's lease (jobs/lease.py, taken before `_plan`):
+    no other run can be live on OUTPUT, so every other run's manifests are a dead run's.
+    """
     folder = posixpath.join(root, RUNS_DIR)
     if not fs.isdir(folder):
         return

@@ -31,13 +31,16 @@ log = logging.getLogger(__name__)
 def finish(run: SegmentRun, status: str, failure: Failure | None) -> int:
     """Tidy OUTPUT, write the report and the log, print the summary; returns the exit code."""
     config, counts = run.config, run.counts
+    lost = run.lease.lost if run.lease is not None else None
+    if lost:  # another run took OUTPUT over (jobs/lease.py): whatever stopped us, this run failed
+        failure, status = Failure(lost, 3), "failed"
     if failure is None and status == "completed" and counts.processed != counts.pending:
         failure = Failure(f"{counts.pending} images were to be processed but {counts.processed} rows came back", 3)
         status = "failed"
     if run.fs is not None:
         with contextlib.suppress(Exception):
             run.fs.rm(run.work_dir, recursive=True)
-    removed = _supersede(run)
+    removed = 0 if lost else _supersede(run)  # the part files are the new holder's to rewrite now
     previews = _previews(run) if status == "completed" and failure is None else 0
     if failure is not None:
         exit_code = failure.exit_code

@@ -85,7 +85,8 @@ def decoded_masks(folder: Path) -> dict[str, list[np.ndarray]]:
 
 
 def reports(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((folder / "_runs").glob("*.json"))]
+    paths = sorted(p for p in (folder / "_runs").glob("*.json") if p.name != "_lease.json")  # a killed run's lease
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def assert_no_secrets(*texts: str, files: list[Path] = ()) -> None:
