@@ -26,8 +26,9 @@ from m2f.jobs.lifecycle import Stop
 from m2f.jobs.progress import Progress
 from m2f.jobs.resume import WORK_FILE_ROWS, WorkPlan, read_work_files
 from m2f.model.config import PreprocessConfig
+from m2f.pipeline.budget import actor_memory, node_memory, prepare_memory
 from m2f.pipeline.infer import Segmenter, prepare_images
-from m2f.pipeline.reading import ReadLimits
+from m2f.pipeline.reading import READ_BUDGET_BYTES, ReadLimits
 from m2f.pipeline.rows import encode_rows
 from m2f.pipeline.schema import STATUS_OK
 
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
 
 PREPARE_ROWS = 16  # images per prepare task: enough to overlap reads, small enough to spread over CPUs
 ACTOR_BATCHES = 4  # the model actor sees this many forward batches at once, to group equal padded sizes
-PREPARE_MEMORY = 512 * 1024**2  # scheduling hint per prepare task; also keeps Ray from fusing it into the actors
+# Memory requests (pipeline.budget): a prepare task's is one decode at --max-pixels plus its reads ahead, and it
+# also keeps Ray from fusing the task into the actors; the actor's, its batch post-processed plus the model.
+READ_AHEAD_BYTES = READ_BUDGET_BYTES  # a prepare task's bytes read and not yet decoded (pipeline.reading)
+MODEL_BYTES = 2 * 1024**3  # a model and one forward pass's activations (R50 at 800x1333: ~1.6 GB measured)
 ENCODE_CPUS = 0  # per encode task: none (with one CPU each they waited for the prepare stage; see encode_concurrency)
 ENCODE_SHARE = 0.5  # encode tasks at once, per CPU the actors leave (see encode_concurrency)
 # Ray Data's object-store budget for the run, in units of the largest block one task makes: Ray Data shares
@@ -256,12 +260,18 @@ def build_dataset(
     run_id: str,
     cluster_cpus: float,
 ) -> Any:
-    """The Ray Data pipeline over the work manifest, up to the output rows (not executed)."""
+    """The Ray Data pipeline over the work manifest, up to the output rows (not executed).
+
+    The prepare tasks and the model actors reserve memory for an image at --max-pixels (`pipeline.budget`),
+    each request capped to a quarter of the smallest node's memory: Ray cannot place a request larger than a
+    node, and the job would wait for ever.
+    """
     import ray.data
 
     _quiet_ray_data()
     options = ray.data.DataContext.get_current().execution_options
     budget = object_store_budget(config, preprocess)
+    node = node_memory()
     options.resource_limits = options.resource_limits.copy(object_store_memory=budget or float("inf"))
     storage = config.storage
     # The work files are read by a plain task, not read_parquet: in Ray 2.60 that datasource starts 32
@@ -290,7 +300,7 @@ def build_dataset(
             "storage": storage,
             "limits": read_limits(config.max_file_bytes),
         },
-        memory=PREPARE_MEMORY,
+        memory=prepare_memory(config.max_pixels, READ_AHEAD_BYTES, node),
         compute=ray.data.TaskPoolStrategy(size=prepare_concurrency(cluster_cpus, config)),
     )
     gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
@@ -300,6 +310,7 @@ def build_dataset(
         batch_format="numpy",
         compute=model_actor_pool(config.actors),
         num_cpus=config.cpus_per_actor,
+        memory=actor_memory(config.max_pixels, config.batch_size, MODEL_BYTES, node),
         fn_constructor_args=(config.model,),
         fn_constructor_kwargs={
             "run_id": run_id,

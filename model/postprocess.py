@@ -7,9 +7,9 @@ Every task follows the official `MaskFormer.forward` at test time (facebookresea
 - otherwise (a semantic-only model) `semantic_inference` runs at the padded size and its K-class score map is
   cropped and resized to the original image (detectron2's `sem_seg_postprocess`).
 `semantic_inference(resize_first=...)` offers both orders; `postprocess` resizes first only for a panoptic or
-instance model. Bilinear resizing is independent per query (and per class), so it is done a chunk at a time,
-and only for the queries that can change the result; the outcome equals resizing all at once (the resize
-chain and its chunking are model/resize.py's).
+instance model. Resizing is done a chunk of queries (or classes) and, for panoptic and instance output of a
+big image, a band of columns at a time, only for the queries that can change the result; the outcome equals
+resizing all at once (model/resize.py). Segments stay an id map or one mask per query (model/segments.py).
 
 Where this deliberately differs from the official code:
 - instance segments are returned sorted by score (the official order is `topk(sorted=False)`'s);
@@ -36,18 +36,30 @@ Where it differs from Hugging Face's `Mask2FormerImageProcessor.post_process_*` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from m2f.model.config import ModelConfig
-from m2f.model.resize import Geometry, Size, geometries, query_chunks, resized_argmax, upsample_mask_logits
+from m2f.model.resize import (
+    Geometry,
+    Size,
+    column_bands,
+    geometries,
+    query_chunks,
+    query_tiles,
+    resized_argmax,
+    tile_chunk,
+    upsample_mask_logits,
+)
+from m2f.model.segments import Segments, empty, id_map_dtype, remap
 
 __all__ = [
     "Segments",
+    "id_map_dtype",
     "instance_inference",
     "panoptic_inference",
     "postprocess",
@@ -56,30 +68,10 @@ __all__ = [
 ]
 
 
-@dataclass
-class Segments:
-    """The segments of one image, at its output (original) size."""
-
-    masks: Tensor  # (N, H, W) bool
-    labels: Tensor  # (N,) int64, contiguous class index in [0, K)
-    scores: Tensor  # (N,) float32
-    panoptic: Tensor | None = None  # (H, W) int32 id map for panoptic: 0 = void, i+1 = segment i
-
-
 def _is_thing_tensor(is_thing: Sequence[bool], num_classes: int, device: torch.device) -> Tensor:
     if len(is_thing) != num_classes:
         raise ValueError(f"is_thing has {len(is_thing)} entries for {num_classes} classes")
     return torch.tensor(list(is_thing), dtype=torch.bool, device=device)
-
-
-def _empty(output_size: Size, device: torch.device, panoptic: bool) -> Segments:
-    h, w = output_size
-    return Segments(
-        masks=torch.zeros(0, h, w, dtype=torch.bool, device=device),
-        labels=torch.zeros(0, dtype=torch.int64, device=device),
-        scores=torch.zeros(0, dtype=torch.float32, device=device),
-        panoptic=torch.zeros(h, w, dtype=torch.int32, device=device) if panoptic else None,
-    )
 
 
 def _semantic_one(
@@ -103,16 +95,16 @@ def _semantic_one(
         total = semseg.sum(0)
     else:
         label_map, best, total = resized_argmax(semseg.view(k, *geom.image_size), geom.output_size, chunk_size)
+    del semseg
     ratio = best / total.clamp_min(torch.finfo(torch.float32).tiny)  # per-pixel class probability
     counts = torch.bincount(label_map, minlength=k)
     labels = counts.nonzero().flatten()  # present classes, ascending
     sums = torch.zeros(k, dtype=torch.float32, device=mask_cls.device).index_add_(0, label_map, ratio)
-    label_map = label_map.view(h, w)
-    return Segments(
-        masks=label_map[None] == labels[:, None, None],  # (N, H, W)
-        labels=labels,
-        scores=sums[labels] / counts[labels],
-    )
+    dtype = id_map_dtype(labels.numel())
+    lookup = torch.zeros(k, dtype=dtype, device=mask_cls.device)  # class -> its segment's id
+    lookup[labels] = torch.arange(1, labels.numel() + 1, device=mask_cls.device).to(dtype)
+    id_map = lookup[label_map].view(h, w)
+    return Segments(labels=labels, scores=sums[labels] / counts[labels], size=geom.output_size, id_map=id_map)
 
 
 def _panoptic_one(
@@ -123,8 +115,12 @@ def _panoptic_one(
     object_mask_threshold: float,
     overlap_threshold: float,
     chunk_size: int | None,
+    band_width: int | None,
 ) -> Segments:
-    """mask_cls (Q, K+1), mask_logits (Q, h, w) -> non-overlapping segments and their id map."""
+    """mask_cls (Q, K+1), mask_logits (Q, h, w) -> non-overlapping segments and their id map.
+
+    Made a band of columns at a time (`model.resize.query_tiles`); only the won pixels' id map is whole.
+    """
     device = mask_cls.device
     probs = mask_cls.float().softmax(-1)  # (Q, K+1)
     scores, labels = probs.max(-1)  # (Q,), (Q,); the label may be the no-object class K
@@ -132,61 +128,76 @@ def _panoptic_one(
     kept = keep.nonzero().flatten()  # (n,)
     n = kept.numel()
     if n == 0:
-        return _empty(geom.output_size, device, panoptic=True)
+        return empty(geom.output_size, device, panoptic=True)
     kept_scores, kept_labels = scores[kept], labels[kept]
 
-    # Argmax of score * sigmoid over kept queries, streamed over chunks (ties -> first query).
+    # Per band, the argmax of score * sigmoid over kept queries, streamed over chunks (ties -> first query),
+    # and whether the winner's own mask (sigmoid >= 0.5) covers the pixel.
     h, w = geom.output_size
-    best = torch.full((h, w), -1.0, dtype=torch.float32, device=device)  # every probability beats it
-    owner = torch.zeros(h, w, dtype=torch.int64, device=device)  # (H, W) index into kept
-    above = torch.empty(n, h, w, dtype=torch.bool, device=device)  # sigmoid >= 0.5
-    for start, logits in query_chunks(mask_logits.float(), kept, geom, chunk_size):
-        c = logits.shape[0]
-        sig = logits.sigmoid()  # (c, H, W)
-        above[start : start + c] = sig >= 0.5
-        prob = kept_scores[start : start + c, None, None] * sig
-        arg = prob.argmax(0)  # (H, W)
-        top = prob.gather(0, arg[None])[0]
-        better = top > best
-        best = torch.where(better, top, best)
-        owner = torch.where(better, arg + start, owner)
-
-    owned = above.gather(0, owner[None])[0]  # (H, W): the winning query's own mask covers the pixel
-    mask_area = torch.bincount(owner.flatten(), minlength=n).tolist()
-    original_area = above.flatten(1).sum(1).tolist()
-    final_area = torch.bincount(owner[owned], minlength=n).tolist()
+    won = torch.empty(h, w, dtype=id_map_dtype(n), device=device)  # q+1 where q wins inside its own mask, else 0
+    mask_area = torch.zeros(n, dtype=torch.int64, device=device)
+    original_area = torch.zeros(n, dtype=torch.int64, device=device)
+    final_area = torch.zeros(n, dtype=torch.int64, device=device)
+    bands = column_bands(geom.output_size, band_width)
+    step = tile_chunk(geom, bands, chunk_size)
+    logits_all = mask_logits.float()
+    for x0, x1 in bands:
+        best = torch.full((h, x1 - x0), -1.0, dtype=torch.float32, device=device)  # every probability beats it
+        owner = torch.zeros(h, x1 - x0, dtype=torch.int32, device=device)  # index into kept
+        owned = torch.zeros(h, x1 - x0, dtype=torch.bool, device=device)
+        for _, start, tile in query_tiles(logits_all, kept, geom, step, [(x0, x1)] if len(bands) > 1 else bands):
+            c = tile.shape[0]
+            sig = tile.sigmoid_() if tile.is_contiguous() else tile.sigmoid()  # (c, H, band)
+            above = sig >= 0.5
+            original_area[start : start + c] += above.flatten(1).sum(1)
+            prob = sig.mul_(kept_scores[start : start + c, None, None])
+            if c == 1:  # one query a step (a big image's bands): in place, no index maps
+                better = prob[0] > best
+                torch.where(better, prob[0], best, out=best)
+                owner.masked_fill_(better, start)
+                torch.where(better, above[0], owned, out=owned)
+            else:
+                arg = prob.argmax(0)  # (H, band)
+                top = prob.gather(0, arg[None])[0]
+                better = top > best
+                best = torch.where(better, top, best)
+                owner = torch.where(better, (arg + start).to(torch.int32), owner)
+                owned = torch.where(better, above.gather(0, arg[None])[0], owned)
+            del sig, above, prob, better
+        flat = owner.flatten().long()
+        mask_area += torch.bincount(flat, minlength=n)
+        final_area += torch.bincount(flat[owned.flatten()], minlength=n)
+        won[:, x0:x1] = torch.where(owned, owner + 1, 0).to(won.dtype)
+        del best, owner, owned, flat
+    mask_area, original_area, final_area = mask_area.tolist(), original_area.tolist(), final_area.tolist()
 
     # Accept, merge or drop each kept query in order; ids start at 1.
     segment_of = [0] * n
-    seg_labels: list[int] = []
-    seg_scores: list[float] = []
+    seg_labels, seg_scores = [], []  # per segment: its label and score
     stuff_segment: dict[int, int] = {}
-    thing = is_thing.tolist()
     for q, (label, score) in enumerate(zip(kept_labels.tolist(), kept_scores.tolist(), strict=True)):
+        thing = bool(is_thing[label])
         if not (mask_area[q] > 0 and original_area[q] > 0 and final_area[q] > 0):
             continue
         if mask_area[q] / original_area[q] < overlap_threshold:
             continue
-        if not thing[label] and label in stuff_segment:
+        if not thing and label in stuff_segment:
             sid = stuff_segment[label]
             seg_scores[sid - 1] = max(seg_scores[sid - 1], score)
         else:
             seg_labels.append(label)
             seg_scores.append(score)
             sid = len(seg_labels)
-            if not thing[label]:
+            if not thing:
                 stuff_segment[label] = sid
         segment_of[q] = sid
 
-    lookup = torch.tensor(segment_of, dtype=torch.int32, device=device)
-    panoptic = torch.where(owned, lookup[owner], 0).to(torch.int32)  # (H, W)
-    ids = torch.arange(1, len(seg_labels) + 1, dtype=torch.int32, device=device)
-    return Segments(
-        masks=panoptic[None] == ids[:, None, None],  # (N, H, W)
-        labels=torch.tensor(seg_labels, dtype=torch.int64, device=device),
-        scores=torch.tensor(seg_scores, dtype=torch.float32, device=device),
-        panoptic=panoptic,
-    )
+    dtype = id_map_dtype(len(seg_labels))
+    lookup = torch.tensor([0, *segment_of], dtype=dtype, device=device)  # won (0 or q+1) -> segment id
+    id_map = remap(won, lookup)
+    labels_out = torch.tensor(seg_labels, dtype=torch.int64, device=device)
+    scores_out = torch.tensor(seg_scores, dtype=torch.float32, device=device)
+    return Segments(labels=labels_out, scores=scores_out, size=geom.output_size, id_map=id_map, is_panoptic=True)
 
 
 def _instance_one(
@@ -196,8 +207,14 @@ def _instance_one(
     top_k: int,
     is_thing: Tensor | None,
     chunk_size: int | None,
+    band_width: int | None,
+    keep_mask: Callable[[Tensor], Any] | None,
 ) -> Segments:
-    """mask_cls (Q, K+1), mask_logits (Q, h, w) -> top-k (query, class) pairs as scored masks."""
+    """mask_cls (Q, K+1), mask_logits (Q, h, w) -> top-k (query, class) pairs as scored masks.
+
+    Each distinct selected query's mask is made once, a chunk of queries at a time and a band of columns at
+    a time into it, and handed to `keep_mask` (None: kept as it is) before the next chunk is made.
+    """
     device = mask_cls.device
     class_probs = mask_cls.float().softmax(-1)[:, :-1]  # (Q, K)
     k = class_probs.shape[1]
@@ -208,23 +225,39 @@ def _instance_one(
         things = is_thing[labels]
         class_scores, labels, queries = class_scores[things], labels[things], queries[things]
     if queries.numel() == 0:
-        return _empty(geom.output_size, device, panoptic=False)
+        return empty(geom.output_size, device, panoptic=False)
 
     # Resize each distinct selected query once.
     distinct, which = torch.unique(queries, return_inverse=True)
     h, w = geom.output_size
-    masks = torch.empty(distinct.numel(), h, w, dtype=torch.bool, device=device)
-    mask_scores = torch.empty(distinct.numel(), dtype=torch.float32, device=device)
-    for start, logits in query_chunks(mask_logits.float(), distinct, geom, chunk_size):
-        c = logits.shape[0]
-        binary = (logits > 0).float().flatten(1)  # (c, H*W)
-        inside = (logits.sigmoid().flatten(1) * binary).sum(1)
-        mask_scores[start : start + c] = inside / (binary.sum(1) + 1e-6)
-        masks[start : start + c] = logits > 0
+    d = distinct.numel()
+    bands = column_bands(geom.output_size, band_width)
+    step = tile_chunk(geom, bands, chunk_size)
+    kept: Tensor | list[Any] = torch.empty(d, h, w, dtype=torch.bool, device=device) if keep_mask is None else []
+    mask_scores = torch.empty(d, dtype=torch.float32, device=device)
+    logits_all = mask_logits.float()
+    for start in range(0, d, step):
+        chunk = distinct[start : start + step]
+        c = chunk.numel()
+        masks = kept[start : start + c] if keep_mask is None else torch.empty(c, h, w, dtype=torch.bool, device=device)
+        inside = torch.zeros(c, dtype=torch.float32, device=device)
+        area = torch.zeros(c, dtype=torch.float32, device=device)
+        for b, _, logits in query_tiles(logits_all, chunk, geom, c, bands):
+            binary = (logits > 0).float().flatten(1)  # (c, H*band)
+            inside += (logits.sigmoid().flatten(1) * binary).sum(1)
+            area += binary.sum(1)
+            x0, x1 = bands[b]
+            masks[:, :, x0:x1] = logits > 0
+            del binary, logits
+        mask_scores[start : start + c] = inside / (area + 1e-6)
+        if keep_mask is not None:
+            kept.extend(keep_mask(mask) for mask in masks)
+        del masks
 
     scores = class_scores * mask_scores[which]
     order = torch.sort(scores, descending=True, stable=True).indices  # ties -> selection order
-    return Segments(masks=masks[which[order]], labels=labels[order], scores=scores[order])
+    which = which[order]
+    return Segments(labels=labels[order], scores=scores[order], size=geom.output_size, parts=kept, which=which)
 
 
 def semantic_inference(
@@ -264,17 +297,22 @@ def panoptic_inference(
     object_mask_threshold: float = 0.8,
     overlap_threshold: float = 0.8,
     chunk_size: int | None = None,
+    band_width: int | None = None,
 ) -> list[Segments]:
     """class_logits (B, Q, K+1), mask_logits (B, Q, h, w) -> per image, non-overlapping segments + id map.
 
     Queries whose best class is an object with probability > object_mask_threshold compete for pixels by
     score * sigmoid(mask); a query keeps its won pixels inside its own mask (sigmoid >= 0.5) unless it won
     less than overlap_threshold of that mask. Stuff queries of one class merge into one segment.
+
+    `chunk_size` queries, `band_width` columns of the output at a time (None: model.resize's budgets): no change.
     """
     geoms = geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
     things = _is_thing_tensor(is_thing, class_logits.shape[-1] - 1, class_logits.device)
     return [
-        _panoptic_one(class_logits[i], mask_logits[i], g, things, object_mask_threshold, overlap_threshold, chunk_size)
+        _panoptic_one(
+            class_logits[i], mask_logits[i], g, things, object_mask_threshold, overlap_threshold, chunk_size, band_width
+        )
         for i, g in enumerate(geoms)
     ]
 
@@ -289,24 +327,34 @@ def instance_inference(
     top_k: int = 100,
     is_thing: Sequence[bool] | None = None,
     chunk_size: int | None = None,
+    band_width: int | None = None,
+    keep_mask: Callable[[Tensor], Any] | None = None,
 ) -> list[Segments]:
     """class_logits (B, Q, K+1), mask_logits (B, Q, h, w) -> per image, scored (possibly overlapping) masks.
 
     The top_k (query, class) pairs by class probability become instances with mask = logit > 0 and
     score = class probability * mean sigmoid inside the mask, sorted by score. With `is_thing` (a panoptic
     model) pairs of stuff classes are dropped after the top-k, as in the official code.
+
+    `keep_mask`, given each distinct selected query's (H, W) bool mask as it is made, returns what the result
+    keeps of it (`Segments.parts`; the compact form packs it); None keeps the masks. `chunk_size` and
+    `band_width` as for `panoptic_inference`; a mask score sums its bands' sums, so with several bands it
+    may differ from the whole image's sum in the last bits.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     geoms = geometries(class_logits, mask_logits, image_sizes, output_sizes, padded_size, chunk_size)
     things = None if is_thing is None else _is_thing_tensor(is_thing, class_logits.shape[-1] - 1, class_logits.device)
-    return [_instance_one(class_logits[i], mask_logits[i], g, top_k, things, chunk_size) for i, g in enumerate(geoms)]
+    return [
+        _instance_one(class_logits[i], mask_logits[i], g, top_k, things, chunk_size, band_width, keep_mask)
+        for i, g in enumerate(geoms)
+    ]
 
 
 _OVERRIDES = {
     "semantic": {"chunk_size", "resize_first"},
-    "instance": {"top_k", "is_thing", "chunk_size"},
-    "panoptic": {"object_mask_threshold", "overlap_threshold", "is_thing", "chunk_size"},
+    "instance": {"top_k", "is_thing", "chunk_size", "band_width", "keep_mask"},
+    "panoptic": {"object_mask_threshold", "overlap_threshold", "is_thing", "chunk_size", "band_width"},
 }
 
 

@@ -42,6 +42,11 @@ def resized_shape(h: int, w: int, min_size: int, max_size: int) -> tuple[int, in
     return int(newh + 0.5), int(neww + 0.5)
 
 
+def resized_size(h: int, w: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(h, w) that `resize_image` gives an image of (h, w)."""
+    return resized_shape(h, w, cfg.min_size, cfg.max_size)
+
+
 def resize_image(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """image (H, W, 3) uint8 RGB -> (h, w, 3) uint8, resized with PIL bilinear.
 

@@ -4,7 +4,9 @@ Mask logits come out at 1/4 of the padded network input; each image's result is 
 size. The steps (bilinear to the padded size, crop the resized image, bilinear to the original size) are
 detectron2's `sem_seg_postprocess`. At large sizes the upsampled logits of all queries would not fit in
 memory, so they are produced a bounded chunk of queries (or classes) at a time: bilinear resizing is
-independent per plane, so the outcome equals resizing all at once.
+independent per plane, so the outcome equals resizing all at once. Above TILE_ELEMENTS output pixels even
+one plane is not made whole: `query_tiles` makes it a band of columns at a time (`resize_tile`), bit for
+bit the columns of the whole resize.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ Size = tuple[int, int]
 
 # Float32 elements one resize step may hold (padded plus output planes of a chunk): about 256 MiB.
 CHUNK_ELEMENTS = 1 << 26
+# Float32 elements of one tile at the output size (a chunk of planes over a band of columns): 32 MiB. An
+# output of at most this many pixels is one band, resized in one step as before; a larger one (a 48 or 100
+# MP photo) is produced band by band, so no whole plane at the output size is ever held.
+TILE_ELEMENTS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,80 @@ def query_chunks(
         picked = mask_logits[queries[start : start + chunk_size]]  # (c, h, w)
         sizes = {"image_size": geom.image_size, "output_size": geom.output_size, "padded_size": geom.padded_size}
         yield start, upsample_mask_logits(picked, **sizes)
+
+
+def band_width(output_size: Size, tile_elements: int = TILE_ELEMENTS) -> int:
+    """Columns per band: a band of all H rows holds at most `tile_elements` pixels (at least one column)."""
+    h, w = output_size
+    return max(1, min(w, tile_elements // h))
+
+
+def column_bands(output_size: Size, width: int | None = None) -> list[tuple[int, int]]:
+    """[(x0, x1), ...] covering the W columns of `output_size` in bands of `width` (None: `band_width`)."""
+    w = output_size[1]
+    width = band_width(output_size) if width is None else width
+    if width < 1:
+        raise ValueError(f"band width must be >= 1, got {width}")
+    return [(x0, min(w, x0 + width)) for x0 in range(0, w, width)]
+
+
+def resize_tile(planes: Tensor, output_size: Size, band: tuple[int, int] | None) -> Tensor:
+    """planes (c, h, w) -> columns `band` (x0, x1) of their bilinear resize to `output_size`, (c, H, x1 - x0);
+    None: the whole resize (c, H, W).
+
+    A band is resized along W over the full width (every output column from its own source position, as in
+    the whole resize), its columns are taken, and they are resized along H. PyTorch's bilinear kernel
+    interpolates along W first and then along H, so a band equals those columns of the whole resize bit for
+    bit (tests/test_postprocess.py checks it on the machine it runs on).
+    """
+    h, w = planes.shape[-2:]
+    if band is None:
+        if (h, w) == tuple(output_size):
+            return planes  # a same-size bilinear resize is the identity
+        return F.interpolate(planes[None], size=output_size, mode="bilinear", align_corners=False)[0]
+    x0, x1 = band
+    if w != output_size[1]:
+        planes = F.interpolate(planes[None], size=(h, output_size[1]), mode="bilinear", align_corners=False)[0]
+    tile = planes[:, :, x0:x1]  # (c, h, band)
+    if h != output_size[0]:
+        tile = F.interpolate(tile[None], size=(output_size[0], x1 - x0), mode="bilinear", align_corners=False)[0]
+    return tile  # (c, H, band)
+
+
+def tile_chunk(geom: Geometry, bands: Sequence[tuple[int, int]], chunk_size: int | None) -> int:
+    """Queries per step: `chunk_size`, or as many as CHUNK_ELEMENTS (one band: the padded and output planes,
+    as before) or TILE_ELEMENTS (several: a band of the output) allow."""
+    if chunk_size is not None:
+        return chunk_size
+    if len(bands) == 1:
+        plane = geom.padded_size[0] * geom.padded_size[1] + geom.output_size[0] * geom.output_size[1]
+        return max(1, CHUNK_ELEMENTS // plane)
+    widest = max(x1 - x0 for x0, x1 in bands)
+    return max(1, TILE_ELEMENTS // (geom.output_size[0] * widest))
+
+
+def query_tiles(
+    mask_logits: Tensor,
+    queries: Tensor,
+    geom: Geometry,
+    chunk_size: int | None,
+    bands: Sequence[tuple[int, int]],
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield (band index, offset into `queries`, logits (c, H, x1 - x0)) for the listed queries: band after
+    band, a chunk of queries at a time, each the columns of `upsample_mask_logits` in that band.
+
+    With one band this is `query_chunks`. With several, the network-size steps (to the padded input, crop)
+    are redone for every band: they cost a fraction of the band's tile, and no plane at the output size is
+    ever whole.
+    """
+    step = tile_chunk(geom, bands, chunk_size)
+    whole = len(bands) == 1 and bands[0] == (0, geom.output_size[1])
+    for b, band in enumerate(bands):
+        for start in range(0, queries.numel(), step):
+            picked = mask_logits[queries[start : start + step]]  # (c, h/4, w/4)
+            x = F.interpolate(picked[None], size=geom.padded_size, mode="bilinear", align_corners=False)[0]
+            x = x[:, : geom.image_size[0], : geom.image_size[1]]  # (c, h, w)
+            yield b, start, resize_tile(x, geom.output_size, None if whole else band)
 
 
 def geometries(

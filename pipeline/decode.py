@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
+COPY_ROWS_BYTES = 16 * 1024**2  # Pillow's pixels are copied into the array this much at a time
+# Bytes a pixel that decoding holds at most (pipeline.budget): Pillow's image (4 bytes a pixel for RGB), a
+# converted copy for other modes (4 more), the (H, W, 3) array, and a band of wider intermediates. Measured
+# on 10 MP images of every mode: 2 (1-bit) to 13 (palette), bench/NOTES.md.
+DECODE_BYTES_PER_PIXEL = 14
+
+log = logging.getLogger(__name__)
 
 # Only the formats behind our image extensions (plus MPO: multi-picture JPEGs from cameras).
 # Restricting formats also keeps Pillow from handing untrusted files to plugins such as EPS,
@@ -44,7 +54,60 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     over white; 16-bit and float greys are scaled (not clipped) to 8 bits. Pillow's own hard limit
     (2 * PIL.Image.MAX_IMAGE_PIXELS, about 179 Mpx) still applies above `max_pixels`; raise that
     global at worker start if a larger limit is really wanted.
+
+    Warnings Pillow raises while decoding (DecompressionBombWarning for an image above its 89 Mpx
+    threshold, but within `max_pixels`) go to this module's logger, not to stderr. Memory: the decoded
+    image once as Pillow holds it, and the RGB array, copied out a band of rows at a time (DECODE_BYTES_PER_PIXEL).
     """
+    with _logged_warnings(), _open(data, max_pixels) as image:
+        return _to_rgb(image)
+
+
+def decode_resized(
+    data: bytes,
+    size: Callable[[int, int], tuple[int, int]],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    upscale: Image.Resampling = Image.Resampling.BILINEAR,
+) -> tuple[tuple[int, int], np.ndarray]:
+    """Decode `data` and resize it bilinearly (Pillow's filter) to `size(H, W)` -> (h, w): returns the
+    original (H, W) and the resized (h, w, 3) uint8 RGB, the same pixels as `decode_image` followed by a
+    Pillow resize of its array, without the full-size array: an RGB image is resized as Pillow decoded it,
+    a grey one (1-bit or 8-bit) as its one channel (Pillow filters channels independently), and only other
+    modes go through `decode_image`'s conversion. `upscale` is the filter when the image grows. Errors and
+    warnings as `decode_image`.
+    """
+    with _logged_warnings(), _open(data, max_pixels) as image:
+        height, width = image.size[1], image.size[0]
+        h, w = size(height, width)
+        if image.mode in ("1", "L") and "transparency" not in image.info:
+            image = image if image.mode == "L" else image.convert("L")
+        elif image.mode in _ALPHA_MODES or image.mode in _HIGH_DEPTH_GREY or "transparency" in image.info:
+            image = Image.fromarray(_to_rgb(image))  # composited or scaled by our rules
+        elif image.mode != "RGB":
+            image = _converted(image)
+        if (h, w) != (height, width):
+            image = image.resize((w, h), upscale if w > width else Image.Resampling.BILINEAR)
+        pixels = np.asarray(image)
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)  # (h, w, 3)
+        return (height, width), np.ascontiguousarray(pixels, dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _logged_warnings() -> Iterator[None]:
+    """Warnings raised inside (Pillow's: DecompressionBombWarning above 89 Mpx, EXIF trouble, ...) go to the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                log.warning("decoding an image: %s: %s", w.category.__name__, w.message)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The decoded, upright Pillow image (the caller closes it), or a DecodeError."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     if not data:
@@ -61,7 +124,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     except Exception as e:  # any failure on untrusted bytes is that file's error, not the job's
         raise DecodeError(f"truncated or corrupt: {_describe(e)}") from None
 
-    with image:
+    try:
         width, height = image.size
         if width * height > max_pixels:
             raise DecodeError(f"too many pixels: {width}x{height} = {width * height} exceeds the limit of {max_pixels}")
@@ -74,7 +137,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         except Exception as e:
             raise DecodeError(f"truncated or corrupt: {_describe(e)}") from None
         _apply_orientation(image)
-        return _to_rgb(image)
+    except BaseException:
+        image.close()
+        raise
+    return image
 
 
 def _describe(e: Exception) -> str:
@@ -89,20 +155,60 @@ def _apply_orientation(image: Image.Image) -> None:
         ImageOps.exif_transpose(image, in_place=True)
 
 
+def _rows(image: Image.Image) -> np.ndarray:
+    """An RGB or L image's pixels as a fresh (H, W, 3) or (H, W) uint8 array, copied a band of rows at a time:
+    `np.array(image)` goes through one `tobytes()` of the whole image, a second full-size copy."""
+    width, height = image.size
+    shape = (height, width, 3) if image.mode == "RGB" else (height, width)
+    out = np.empty(shape, dtype=np.uint8)
+    step = max(1, COPY_ROWS_BYTES // max(1, width * len(image.mode)))
+    for y in range(0, height, step):
+        band = image.crop((0, y, width, min(height, y + step)))
+        out[y : y + band.height] = np.asarray(band).reshape(band.height, *shape[1:])
+    return out
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode == "RGB":
-        return np.array(image, dtype=np.uint8)
+        return _rows(image)
+    if mode in ("1", "L") and "transparency" not in image.info:  # grey: one byte a pixel until the end
+        grey = _rows(image if mode == "L" else image.convert("L"))  # (H, W); "1" -> 0 / 255
+        rgb = np.empty((*grey.shape, 3), dtype=np.uint8)
+        rgb[...] = grey[:, :, None]
+        return rgb
     if mode in _ALPHA_MODES or ("transparency" in image.info and mode in ("P", "L", "RGB")):
-        return _over_white(np.asarray(image.convert("RGBA")))
+        rgba = image if mode == "RGBA" else image.convert("RGBA")
+        return _by_rows((rgba.size[1], rgba.size[0], 3), lambda y0, y1: _over_white(_band(rgba, y0, y1)))
     if mode in _HIGH_DEPTH_GREY:
-        grey = _grey_to_uint8(np.asarray(image), mode)  # (H, W)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        grey = np.asarray(image)  # (H, W)
+        scale = _grey_scaler(grey, mode)
+        plane = _by_rows(grey.shape, lambda y0, y1: scale(grey[y0:y1]))  # (H, W) uint8
+        rgb = np.empty((*plane.shape, 3), dtype=np.uint8)
+        rgb[...] = plane[:, :, None]
+        return rgb
+    return _rows(_converted(image))
+
+
+def _converted(image: Image.Image) -> Image.Image:
     try:
-        rgb = image.convert("RGB")
+        return image.convert("RGB")
     except (ValueError, OSError) as e:
-        raise DecodeError(f"unsupported mode: {mode} ({_describe(e)})") from None
-    return np.array(rgb, dtype=np.uint8)
+        raise DecodeError(f"unsupported mode: {image.mode} ({_describe(e)})") from None
+
+
+def _band(image: Image.Image, y0: int, y1: int) -> np.ndarray:
+    return np.asarray(image.crop((0, y0, image.size[0], y1)))
+
+
+def _by_rows(shape: tuple[int, ...], make: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """A fresh uint8 array of `shape` (H, ...) filled a band of rows at a time by `make(y0, y1)`, so that the
+    wider intermediates of a conversion (uint16, float64) are never whole."""
+    out = np.empty(shape, dtype=np.uint8)
+    step = max(1, COPY_ROWS_BYTES // max(1, int(np.prod(shape[1:])) * 8))
+    for y in range(0, shape[0], step):
+        out[y : y + step] = make(y, min(shape[0], y + step))
+    return out
 
 
 def _over_white(rgba: np.ndarray) -> np.ndarray:
@@ -113,8 +219,9 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _grey_to_uint8(grey: np.ndarray, mode: str) -> np.ndarray:
-    """Scale a 16-bit, 32-bit integer or float greyscale plane to 0..255.
+def _grey_scaler(grey: np.ndarray, mode: str) -> Callable[[np.ndarray], np.ndarray]:
+    """How to scale a 16-bit, 32-bit integer or float greyscale plane to 0..255, a band of it at a time (the
+    range is the whole plane's).
 
     I;16*: the full 16-bit range maps to 0..255. "I" (32-bit; 16-bit PNG/TIFF data in older
     Pillow): the 16-bit range if the values fit in it, else min..max. "F": values in [0, 1] map to
@@ -123,20 +230,22 @@ def _grey_to_uint8(grey: np.ndarray, mode: str) -> np.ndarray:
     if mode != "F":
         in_16_bit = mode.startswith("I;16") or (grey.size > 0 and grey.min() >= 0 and grey.max() <= 65535)
         if in_16_bit:
-            return ((grey.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-        return _stretch(grey.astype(np.float64))  # int32 beyond 16 bits: float64 keeps every value exact
-    values = grey.astype(np.float32)
-    if values.size and np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0:
-        return np.rint(values * 255.0).astype(np.uint8)
-    return _stretch(values)
-
-
-def _stretch(values: np.ndarray) -> np.ndarray:
-    """Linear min..max -> 0..255 over the finite values; NaN -> 0, +inf -> 255, -inf -> 0."""
+            return lambda g: ((g.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        lo, hi = np.float64(grey.min()), np.float64(grey.max())  # int32 beyond 16 bits: float64 keeps every value
+        return lambda g: _stretch(g.astype(np.float64), lo, hi)
+    values = np.asarray(grey, dtype=np.float32)
     finite = np.isfinite(values)
+    if values.size and finite.all() and values.min() >= 0.0 and values.max() <= 1.0:
+        return lambda g: np.rint(g.astype(np.float32) * 255.0).astype(np.uint8)
     if not finite.any():
-        return np.where(values == np.inf, 255, 0).astype(np.uint8)
-    lo, hi = values[finite].min(), values[finite].max()
+        return lambda g: np.where(g == np.inf, 255, 0).astype(np.uint8)
+    lo = np.min(values, where=finite, initial=np.float32(np.inf))
+    hi = np.max(values, where=finite, initial=np.float32(-np.inf))
+    return lambda g: _stretch(g.astype(np.float32), lo, hi)
+
+
+def _stretch(values: np.ndarray, lo: np.floating, hi: np.floating) -> np.ndarray:
+    """Linear lo..hi (the finite range) -> 0..255; NaN -> 0, +inf -> 255, -inf -> 0."""
     span = hi - lo if hi > lo else 1.0
     scaled = np.clip((values - lo) / span * 255.0, 0.0, 255.0)
     scaled = np.where(np.isnan(scaled), 0.0, scaled)

@@ -7,7 +7,7 @@ over pixels: RLE encoding, area, bbox and per-class unions are pycocotools C cod
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -108,32 +108,49 @@ def rles_from_id_map(id_map: np.ndarray, n: int) -> list[dict[str, Any]]:
     """id_map (H, W) integers, 0 = none, i+1 = segment i -> the RLE of each segment i < n: the same bytes
     as `mask_utils.encode` of the segment's full mask.
 
-    One pass over the map in COCO's column-major order finds every run of equal ids; a segment's RLE is its
-    runs and the gaps between them. The cost is the map once plus the runs, not n full-size masks.
+    One pass over the map in COCO's column-major order (a block of columns at a time) finds every run of equal
+    ids; a segment's RLE is its runs and the gaps between them. The cost is the map once plus the runs, not n
+    full-size masks.
     """
     if id_map.ndim != 2:
         raise ValueError(f"id_map must be (H, W), got shape {id_map.shape}")
     h, w = id_map.shape
-    flat = id_map.T.ravel()  # (W*H,) column-major
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], change))  # (R,) every run of equal ids
-    ends = np.concatenate((change, [flat.size]))
-    values = flat[starts].astype(np.int64)
+    starts, values = runs(id_map)  # (R,) every run of equal ids, column-major
+    ends = np.concatenate((starts[1:], [h * w]))
     if values.size and (values.min() < 0 or values.max() > n):
         raise ValueError(f"id map holds ids in [{values.min()}, {values.max()}], expected [0, {n}]")
     order = np.argsort(values, kind="stable")  # runs grouped by id, in position order within one id
     bounds = np.searchsorted(values[order], np.arange(1, n + 2))  # runs of id k + 1: bounds[k]:bounds[k + 1]
     return [
-        _rle_from_runs(starts[order[bounds[k] : bounds[k + 1]]], ends[order[bounds[k] : bounds[k + 1]]], h, w)
+        rle_from_runs(starts[order[bounds[k] : bounds[k + 1]]], ends[order[bounds[k] : bounds[k + 1]]], h, w)
         for k in range(n)
     ]
 
 
+def runs(id_map: np.ndarray, block: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ids) of the runs of equal ids of an (H, W) map in column-major order, (R,) int64 each: a block
+    of columns (about `block` pixels) at a time, so that the column-major copy is never the whole map."""
+    h, w = id_map.shape
+    step = max(1, block // max(1, h))
+    starts, values, last = [], [], None
+    for x0 in range(0, w, step):
+        flat = np.ascontiguousarray(id_map[:, x0 : x0 + step].T).ravel()  # (h * band,) column-major
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        if last is None or flat[0] != last:  # a run starts at the block's first pixel
+            starts.append(np.array([x0 * h]))
+            values.append(flat[:1].astype(np.int64))
+        starts.append(change + x0 * h)
+        values.append(flat[change].astype(np.int64))
+        last = flat[-1]
+    return np.concatenate(starts).astype(np.int64), np.concatenate(values)
+
+
 def rles_from_crops(
-    crops: Sequence[np.ndarray], boxes: np.ndarray, height: int, width: int, *, scan_below: float = 0.5
+    crops: Iterable[np.ndarray], boxes: np.ndarray, height: int, width: int, *, scan_below: float = 0.5
 ) -> list[dict[str, Any]]:
     """Masks given as crops (h_i, w_i) bool at boxes (N, 4) y0, x0, y1, x1 of a (height, width) image ->
-    their RLEs, the same bytes as `mask_utils.encode` of the full masks.
+    their RLEs, the same bytes as `mask_utils.encode` of the full masks. `crops` may be an iterator: one crop
+    is held at a time.
 
     A crop smaller than `scan_below` of the image is scanned alone, column by column (COCO's order) with a
     zero above and below each column, so that a run never crosses columns; outside the box everything is
@@ -157,11 +174,11 @@ def rles_from_crops(
         change = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # a run's first pixel, then one past its last, ...
         column, row = np.divmod(change, h + 2)
         position = (x0 + column) * height + y0 + row - 1  # the same pixel in the full image, column-major
-        rles.append(_rle_from_runs(position[0::2], position[1::2], height, width))
+        rles.append(rle_from_runs(position[0::2], position[1::2], height, width))
     return rles
 
 
-def _rle_from_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) -> dict[str, Any]:
+def rle_from_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) -> dict[str, Any]:
     """The compressed RLE of a (height, width) mask whose set pixels are the column-major runs
     [starts[j], ends[j]), ascending (runs that touch are joined). The counts are what pycocotools' encoder
     makes (zeros first, possibly 0; no trailing 0), so the string is too."""

@@ -1,6 +1,6 @@
 """The two stages up to the model: `prepare_images` (CPU tasks) and `Segmenter` (the model actor).
 
-`prepare_images` reads each listed URI, decodes it (`decode_image`) and resizes it by the model's
+`prepare_images` reads each listed URI, decodes it and resizes it (`decode_resized`) by the model's
 preprocessing rule; `Segmenter` batches equal padded sizes through the network and hands each image's
 segments on in the compact form (COMPACT_SCHEMA rows, `pipeline.rows`), which `encode_rows`, a CPU stage
 after it, turns into OUTPUT_SCHEMA rows. All take and return plain batches, so they run and test without Ray.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,8 @@ import pyarrow as pa
 import torch
 
 from m2f.model.config import PreprocessConfig
-from m2f.model.preprocess import resize_image
-from m2f.pipeline.decode import DecodeError, decode_image
+from m2f.model.preprocess import resized_size
+from m2f.pipeline.decode import DecodeError, decode_resized
 from m2f.pipeline.predictor import Prediction, Predictor, autocast_dtype
 from m2f.pipeline.reading import CREDENTIALS_IN_URI, ReadLimits, Unreadable, read_all
 from m2f.pipeline.rows import compact_error_row, compact_row, compact_table
@@ -98,13 +99,12 @@ def _prepare_one(
         return {**row, "error": data}
     row["source_bytes"] = len(data)
     try:
-        image = decode_image(data, max_pixels=max_pixels)  # (H, W, 3) uint8, upright
-        resized = np.ascontiguousarray(resize_image(image, preprocess))  # (h, w, 3)
+        # upright (H, W) and the resized (h, w, 3) uint8, without a full-size array (pipeline.budget)
+        (height, width), resized = decode_resized(data, partial(resized_size, cfg=preprocess), max_pixels=max_pixels)
     except DecodeError as e:
         return {**row, "error": e.reason}
     except Exception as e:  # MemoryError on a huge image, a Pillow bug: still only this file's error
         return {**row, "error": f"decode failed: {scrub(describe(e), secrets)}"}
-    height, width = image.shape[:2]
     return {
         **row,
         "status": STATUS_OK,

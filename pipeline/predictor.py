@@ -31,7 +31,7 @@ from m2f.model.config import TASKS
 from m2f.model.mask2former import Mask2Former
 from m2f.model.postprocess import postprocess
 from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
-from m2f.pipeline.compact import Prediction, compact
+from m2f.pipeline.compact import LARGE_PIXELS, Prediction, compact, keep_instance_mask
 from m2f.pipeline.encode import image_stats, segment_dicts
 
 __all__ = ["Prediction", "Predictor", "autocast_dtype", "default_score_threshold"]
@@ -137,6 +137,9 @@ class Predictor:
             pixel_values, image_sizes = to_batch(images, self.config.preprocess, device=self.device)  # (B, 3, Hp, Wp)
             with self._autocast():
                 out = self.net(pixel_values)
+            sizes = [(int(h), int(w)) for h, w in output_sizes]
+            # large instance masks become RLEs as they are made: never two whole at once (pipeline.compact)
+            large = {"keep_mask": keep_instance_mask} if max(h * w for h, w in sizes) > LARGE_PIXELS else {}
             per_task = {
                 task: postprocess(
                     task,
@@ -144,8 +147,9 @@ class Predictor:
                     out.mask_logits.float(),  # (B, Q, Hp/4, Wp/4)
                     config=self.config,
                     image_sizes=image_sizes,
-                    output_sizes=[(int(h), int(w)) for h, w in output_sizes],
+                    output_sizes=sizes,
                     padded_size=tuple(pixel_values.shape[-2:]),
+                    **(large if task == "instance" else {}),
                 )
                 for task in tasks
             }

@@ -24,6 +24,7 @@ from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, describe, error_row, ok
 from m2f.pipeline.secrets import scrub, secret_values
 
 CROPS = "crops"  # mask_format of packed, box-cropped masks (instance); else the id map's numpy dtype
+RLE = "rle"  # mask_format of COCO RLE counts, one line per segment (instance masks of a large image)
 
 # One image between the model actor and the encode stage. Sentinels instead of nulls (0 sizes, -1 bytes
 # and ms, empty lists and bytes) keep the columns plain when Ray hands them over as numpy arrays.
@@ -44,7 +45,7 @@ COMPACT_SCHEMA = pa.schema(
         pa.field("labels", pa.list_(pa.string())),
         pa.field("is_thing", pa.list_(pa.bool_())),
         pa.field("scores", pa.list_(pa.float32())),
-        pa.field("mask_format", pa.string()),  # "uint8" / "int16" / "int32" id map, CROPS, or "" on error
+        pa.field("mask_format", pa.string()),  # "uint8" / "int16" / "int32" id map, CROPS, RLE, or "" on error
         pa.field("boxes", pa.list_(pa.int32())),  # (N * 4,) y0, x0, y1, x1 per segment for CROPS, else empty
         pa.field("masks", pa.binary()),  # the (H, W) id map's bytes (C order), or the packed crops
     ]
@@ -64,10 +65,13 @@ def compact_row(
     """A COMPACT_SCHEMA row for one segmented image; `classes` = (category ids, names, thing flags) of its
     segments (`Predictor.classes`)."""
     category_ids, labels, is_thing = classes
+    # memoryviews, not bytes: Arrow copies them once into the row, with no full-size bytes object between
     if prediction.id_map is not None:
-        mask_format, boxes, masks = prediction.id_map.dtype.name, [], prediction.id_map.tobytes()
+        mask_format, boxes, masks = prediction.id_map.dtype.name, [], _view(prediction.id_map)
+    elif prediction.rle_counts is not None:
+        mask_format, boxes, masks = RLE, [], b"\n".join(prediction.rle_counts)
     else:
-        mask_format, boxes, masks = CROPS, prediction.boxes.ravel().tolist(), prediction.bits.tobytes()
+        mask_format, boxes, masks = CROPS, prediction.boxes.ravel().tolist(), _view(prediction.bits)
     return {
         **_base(uri, task=prediction.task, model=model, run_id=run_id, source_bytes=source_bytes),
         "status": STATUS_OK,
@@ -82,6 +86,10 @@ def compact_row(
         "boxes": boxes,
         "masks": masks,
     }
+
+
+def _view(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 def compact_error_row(
@@ -123,11 +131,24 @@ def compact_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 def encode_rows(batch: pa.Table | Mapping[str, Sequence[Any]]) -> pa.Table:
     """The encode stage: COMPACT_SCHEMA rows (a Table, or numpy columns as Ray hands them) -> exactly
     OUTPUT_SCHEMA rows, one per input row, in order."""
-    if isinstance(batch, pa.Table):
-        rows = batch.to_pylist()
+    if isinstance(batch, pa.Table):  # the masks as views of the Arrow buffer: no bytes copy of an id map
+        rows = batch.drop_columns(["masks"]).to_pylist()
+        for row, masks in zip(rows, _binary_views(batch.column("masks")), strict=True):
+            row["masks"] = masks
     else:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     return rows_to_table([encode_row(row) for row in rows])
+
+
+def _binary_views(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """Each value of a binary column as a uint8 array over Arrow's own buffer (no copy); nulls are empty."""
+    views = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        ends = np.frombuffer(offsets, dtype=np.int32, count=len(chunk) + 1, offset=chunk.offset * 4)
+        whole = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        views.extend(whole[ends[i] : ends[i + 1]] for i in range(len(chunk)))
+    return views
 
 
 def encode_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,7 +187,12 @@ def compact_segments(row: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise ValueError(f"per-segment columns of lengths {[len(v) for v in per_segment]} for {n} scores")
     data = np.frombuffer(row["masks"], dtype=np.uint8)
     fmt = str(row["mask_format"])
-    if fmt == CROPS:
+    if fmt == RLE:  # COCO's counts use the characters 48..111: a newline separates them
+        counts = data.tobytes().split(b"\n") if n else []
+        if len(counts) != n:
+            raise ValueError(f"{len(counts)} RLEs for {n} segments")
+        rles = [{"size": [height, width], "counts": c} for c in counts]
+    elif fmt == CROPS:
         boxes = np.asarray(row["boxes"], dtype=np.int64).reshape(-1, 4)  # (N, 4)
         rles = compact_rles(height, width, n, boxes=boxes, bits=data)
     else:

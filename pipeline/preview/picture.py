@@ -161,19 +161,33 @@ def render_preview(
     size = preview_size(height, width, min_short_side=min_short_side, max_side=max_side)  # (w, h)
     if size != (width, height):
         upscale = size[0] > width
-        resample = Image.Resampling.NEAREST if upscale else Image.Resampling.BILINEAR
-        image = np.asarray(Image.fromarray(image).resize(size, resample))
+        image = _resized(image, size, Image.Resampling.NEAREST if upscale else Image.Resampling.BILINEAR)
+    return _compose(image, (height, width), segments, alpha=alpha, draw_labels=draw_labels)
+
+
+def _compose(
+    image: np.ndarray,
+    source: tuple[int, int],
+    segments: Sequence[Mapping[str, Any]],
+    *,
+    alpha: float,
+    draw_labels: bool,
+) -> Image.Image:
+    """The preview of `render_preview` from the image already at preview size (h, w, 3) and its source's
+    (H, W), the size of the segments' RLEs."""
+    height, width = source
+    size = (image.shape[1], image.shape[0])  # (w, h)
     ordered = sorted(segments, key=lambda s: (float(s.get("score") or 0.0), int(s["id"])))
     masks = np.zeros((len(ordered), size[1], size[0]), dtype=bool)  # (N, h, w)
+    rows, cols = _nearest(height, size[1]), _nearest(width, size[0])  # the pixels NEAREST picks
     for i, segment in enumerate(ordered):  # one full-size mask at a time
         rle = segment["rle"]
         if list(rle["size"]) != [height, width]:
             raise ValueError(f"segment {segment['id']} has RLE size {list(rle['size'])}, image is {[height, width]}")
         counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
         mask = mask_utils.decode({"size": [height, width], "counts": counts})  # (H, W) uint8
-        if size != (width, height):
-            mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-        masks[i] = mask.astype(bool)
+        masks[i] = mask[np.ix_(rows, cols)] != 0  # (h, w): as a NEAREST resize of the mask, without its copies
+        del mask
 
     colours = [segment_colour(int(s["id"])) for s in ordered]
     picture = Image.fromarray(render_overlay(image, masks, colours, alpha=alpha))
@@ -186,6 +200,40 @@ def render_preview(
     canvas.paste(picture, (0, 0))
     canvas.paste(legend, (0, size[1]))
     return canvas
+
+
+def _resized(image: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """image (H, W, 3) uint8 resized to `size` (w, h) as Pillow resizes it, one channel at a time: Pillow's
+    own RGB image would be a copy of 4 bytes a pixel, a single channel is shared with the array."""
+    out = np.empty((size[1], size[0], 3), dtype=np.uint8)
+    for c in range(3):
+        plane = np.ascontiguousarray(image[:, :, c])  # (H, W)
+        out[:, :, c] = np.asarray(Image.fromarray(plane).resize(size, resample))
+    return out
+
+
+def _nearest(n: int, m: int) -> np.ndarray:
+    """The m source indices (of n) that Pillow's NEAREST resize samples along one axis."""
+    if n == m:
+        return np.arange(n)
+    ramp = Image.fromarray(np.arange(n, dtype=np.int32)[None])  # (1, n), mode I
+    return np.asarray(ramp.resize((m, 1), Image.Resampling.NEAREST))[0].astype(np.int64)
+
+
+def preview_png(data: bytes, segments: Sequence[Mapping[str, Any]], *, max_pixels: int, size: Any = None) -> bytes:
+    """The PNG of `render_preview` for an image's file `data` (decoded here; ValueError when it is not
+    `size` (H, W), if given). What the driver holds is Pillow's decoded image (resized as it is, never an
+    array at full size), one decoded mask at a time (1 byte a pixel) and the picture at preview size."""
+    from m2f.pipeline.decode import decode_resized
+
+    def shown(h: int, w: int) -> tuple[int, int]:
+        pw, ph = preview_size(h, w, min_short_side=MIN_SHORT_SIDE, max_side=MAX_SIDE)
+        return ph, pw
+
+    source, image = decode_resized(data, shown, max_pixels=max_pixels, upscale=Image.Resampling.NEAREST)
+    if size is not None and source != tuple(size):
+        raise ValueError(f"the image is now {source[1]}x{source[0]}, the row says otherwise")
+    return png_bytes(_compose(image, source, segments, alpha=ALPHA, draw_labels=True))
 
 
 def png_bytes(picture: Image.Image) -> bytes:

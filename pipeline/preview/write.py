@@ -20,10 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from m2f.pipeline.decode import decode_image
 from m2f.pipeline.output import PREVIEWS_DIR, list_part_files, preview_index
 from m2f.pipeline.preview.index_page import PreviewEntry, index_html
-from m2f.pipeline.preview.picture import png_bytes, render_preview
+from m2f.pipeline.preview.picture import preview_png
 from m2f.pipeline.schema import STATUS_OK, image_id
 from m2f.pipeline.storage import Storage, qualify, write_atomic
 
@@ -106,6 +105,11 @@ def pick_rows(
     return [(uri, rows.get(iid)) for iid, uri in ids.items()]
 
 
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
 def _later(a: Any, b: Any) -> bool:
     return b is None or (a is not None and a > b)
 
@@ -142,17 +146,15 @@ def write_previews(
         segments = row["segments"] or []
         try:
             image_fs, path = storage.open(uri)
-            image = decode_image(image_fs.cat_file(path), max_pixels=max_pixels)
-            if image.shape[:2] != (row["height"], row["width"]):
-                raise ValueError(f"the image is now {image.shape[1]}x{image.shape[0]}, the row says otherwise")
-            picture = render_preview(image, segments)
+            size = (row["height"], row["width"])
+            png = preview_png(image_fs.cat_file(path), segments, max_pixels=max_pixels, size=size)
             name = preview_name(uri, iid)
-            write_atomic(fs, posixpath.join(folder, name), png_bytes(picture))
+            write_atomic(fs, posixpath.join(folder, name), png)
         except Exception as e:
             log.warning("no preview for image %s: %s", iid, type(e).__name__)
             entries.append(PreviewEntry(**known, note=f"the preview failed ({type(e).__name__})"))
             continue
-        entries.append(PreviewEntry(**known, png=name, size=picture.size, segments=segments))
+        entries.append(PreviewEntry(**known, png=name, size=_png_size(png), segments=segments))
     if entries:
         write_atomic(fs, preview_index(root), index_html(entries, output=qualify(fs, root)))
     return sum(e.png is not None for e in entries)
