@@ -1,4 +1,5 @@
-"""`m2f`: the command line. Parses options into each job's config and calls `jobs/`; nothing else."""
+"""`m2f`: the command line. Parses options into each job's config and calls `jobs/`; nothing else (pipeline/'s
+`Storage` appears here only as a type)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from m2f.jobs.config_file import merged_options, required
-from m2f.jobs.configs import DEVICES, LIMITS, PRECISIONS, SegmentConfig, TrainConfig, number
-from m2f.jobs.console import Console
+from m2f.jobs.common.config_file import merged_options, required
+from m2f.jobs.common.configs import DEVICES, LIMITS, PRECISIONS, SegmentConfig, TrainConfig, number
+from m2f.jobs.common.console import Console
 from m2f.pipeline.storage import Storage
 
 app = typer.Typer(
@@ -73,7 +74,7 @@ def refuse(message: str, *, json_mode: bool = False) -> NoReturn:
 def checked_uris(**named: str | None) -> None:
     """Refuse over-long URIs and URIs with credentials in them (`s3://user:pass@...`), one line, exit 2.
     Keys: the option's name as the user writes it, "_" for "-" (`gt`, `endpoint_url`), upper case for arguments."""
-    from m2f.jobs.arguments import check_uris
+    from m2f.jobs.common.arguments import check_uris
 
     try:
         check_uris({(k if k.isupper() else f"--{k.replace('_', '-')}"): v for k, v in named.items()})
@@ -83,11 +84,10 @@ def checked_uris(**named: str | None) -> None:
 
 def storage_of(endpoint_url: str | None, storage_options: str | None) -> Storage:
     """The Storage for --endpoint-url and --storage-options; malformed options: one error line, exit 2."""
-    from m2f.jobs.arguments import check_text
+    from m2f.jobs.common.arguments import checked_storage
 
     try:
-        check_text({"--endpoint-url": endpoint_url}, storage_options)
-        return Storage.from_cli(endpoint_url, storage_options)
+        return checked_storage(endpoint_url, storage_options)
     except ValueError as e:  # its message never echoes the JSON, which may hold a secret
         refuse(str(e))
 
@@ -112,86 +112,102 @@ ConfigOpt = Annotated[
 ]
 
 
+# `m2f segment`'s options, one type each (the command's signature then fits on a screen).
+SegmentInput = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="INPUT",
+        show_default=False,
+        help="URI prefix, local folder, glob, or manifest (.txt/.csv/.parquet).",
+    ),
+]
+SegmentOutput = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="OUTPUT", show_default=False, help="Output URI prefix: Parquet dataset, run reports, previews."
+    ),
+]
+SegmentModel = Annotated[str, ModelOpt(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")]
+SegmentPreset = Annotated[str | None, ModelOpt(help="Dataset preset for a detectron2 checkpoint.")]
+SegmentTask = Annotated[str | None, ModelOpt(help="Post-processing; default: the checkpoint's task.", **one_of(*TASKS))]
+SegmentActors = Annotated[int, ComputeOpt(help=bounded("Model actors (one model copy each).", "actors"))]
+SegmentBatchSize = Annotated[int, ComputeOpt(help=bounded("Images per forward pass.", "batch_size"))]
+SegmentDevice = Annotated[str, ComputeOpt(help="Where the model runs.", **one_of(*DEVICES))]
+SegmentGpusPerActor = Annotated[
+    float, ComputeOpt(help=bounded("GPUs per actor (fractions share a GPU).", "gpus_per_actor"))
+]
+SegmentCpusPerActor = Annotated[
+    float, ComputeOpt(help=bounded("CPUs per model actor (and torch threads).", "cpus_per_actor"))
+]
+SegmentPrecision = Annotated[str, ModelOpt(help="Autocast precision of the forward pass.", **one_of(*PRECISIONS))]
+SegmentScoreThreshold = Annotated[
+    float | None, ModelOpt(help="Drop segments scoring below this; default 0.5 for instance, else 0.")
+]
+SegmentMaxPixels = Annotated[int, RunOpt(help=bounded("Reject larger images (decompression bombs).", "max_pixels"))]
+SegmentMaxFileBytes = Annotated[
+    int, RunOpt(help=bounded("Reject larger files (an error row) without reading them.", "max_file_bytes"))
+]
+SegmentMaxErrorRate = Annotated[float, RunOpt(help=bounded("Exit non-zero above this error rate.", "max_error_rate"))]
+SegmentOverwrite = Annotated[bool, RunOpt("--overwrite", help="Redo images that already have an ok row.")]
+SegmentPreview = Annotated[
+    int, RunOpt(help=bounded("Write this many overlay PNGs under OUTPUT/_previews/.", "preview"))
+]
+SegmentProgress = Annotated[
+    bool | None,
+    OutputOpt(
+        "--progress/--no-progress",
+        help="A live progress bar; default: on a terminal (elsewhere a progress line every 30 s).",
+    ),
+]
+SegmentFlushSeconds = Annotated[
+    float,
+    LifecycleOpt(help=bounded("Commit a part file once its oldest row has waited this long.", "flush_seconds")),
+]
+SegmentGraceSeconds = Annotated[
+    float,
+    LifecycleOpt(help=bounded("On SIGTERM/SIGINT: time to commit finished rows before exiting.", "grace_seconds")),
+]
+SegmentStallTimeout = Annotated[
+    float,
+    LifecycleOpt(help=bounded("End the run (exit 3) when no image finishes for this many seconds.", "stall_timeout")),
+]
+SegmentAllowEmpty = Annotated[
+    bool, RunOpt("--allow-empty", help="An INPUT that lists no image is not an error (exit 0).")
+]
+SegmentJsonReport = Annotated[
+    bool, OutputOpt("--json", help="Print the run report as JSON, the last line of stdout; the rest to stderr.")
+]
+
+
 @app.command()
 def segment(
     ctx: typer.Context,
-    input: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="INPUT",
-            show_default=False,
-            help="URI prefix, local folder, glob, or manifest (.txt/.csv/.parquet).",
-        ),
-    ] = None,
-    output: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="OUTPUT", show_default=False, help="Output URI prefix: Parquet dataset, run reports, previews."
-        ),
-    ] = None,
+    input: SegmentInput = None,
+    output: SegmentOutput = None,
     config_file: ConfigOpt = None,
-    model: Annotated[str, ModelOpt(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")] = S.model,
-    preset: Annotated[str | None, ModelOpt(help="Dataset preset for a detectron2 checkpoint.")] = None,
-    task: Annotated[
-        str | None, ModelOpt(help="Post-processing; default: the checkpoint's task.", **one_of(*TASKS))
-    ] = None,
+    model: SegmentModel = S.model,
+    preset: SegmentPreset = None,
+    task: SegmentTask = None,
     endpoint_url: EndpointOpt = None,
     storage_options: StorageOpt = None,
-    actors: Annotated[int, ComputeOpt(help=bounded("Model actors (one model copy each).", "actors"))] = S.actors,
-    batch_size: Annotated[int, ComputeOpt(help=bounded("Images per forward pass.", "batch_size"))] = S.batch_size,
-    device: Annotated[str, ComputeOpt(help="Where the model runs.", **one_of(*DEVICES))] = S.device,
-    gpus_per_actor: Annotated[
-        float, ComputeOpt(help=bounded("GPUs per actor (fractions share a GPU).", "gpus_per_actor"))
-    ] = S.gpus_per_actor,
-    cpus_per_actor: Annotated[
-        float, ComputeOpt(help=bounded("CPUs per model actor (and torch threads).", "cpus_per_actor"))
-    ] = S.cpus_per_actor,
-    precision: Annotated[
-        str, ModelOpt(help="Autocast precision of the forward pass.", **one_of(*PRECISIONS))
-    ] = S.precision,
-    score_threshold: Annotated[
-        float | None, ModelOpt(help="Drop segments scoring below this; default 0.5 for instance, else 0.")
-    ] = None,
-    max_pixels: Annotated[
-        int, RunOpt(help=bounded("Reject larger images (decompression bombs).", "max_pixels"))
-    ] = S.max_pixels,
-    max_file_bytes: Annotated[
-        int, RunOpt(help=bounded("Reject larger files (an error row) without reading them.", "max_file_bytes"))
-    ] = S.max_file_bytes,
-    max_error_rate: Annotated[
-        float, RunOpt(help=bounded("Exit non-zero above this error rate.", "max_error_rate"))
-    ] = S.max_error_rate,
-    overwrite: Annotated[bool, RunOpt("--overwrite", help="Redo images that already have an ok row.")] = S.overwrite,
-    preview: Annotated[
-        int, RunOpt(help=bounded("Write this many overlay PNGs under OUTPUT/_previews/.", "preview"))
-    ] = S.preview,
-    progress: Annotated[
-        bool | None,
-        OutputOpt(
-            "--progress/--no-progress",
-            help="A live progress bar; default: on a terminal (elsewhere a progress line every 30 s).",
-        ),
-    ] = None,
-    flush_seconds: Annotated[
-        float,
-        LifecycleOpt(help=bounded("Commit a part file once its oldest row has waited this long.", "flush_seconds")),
-    ] = S.flush_seconds,
-    grace_seconds: Annotated[
-        float,
-        LifecycleOpt(help=bounded("On SIGTERM/SIGINT: time to commit finished rows before exiting.", "grace_seconds")),
-    ] = S.grace_seconds,
-    stall_timeout: Annotated[
-        float,
-        LifecycleOpt(
-            help=bounded("End the run (exit 3) when no image finishes for this many seconds.", "stall_timeout")
-        ),
-    ] = S.stall_timeout,
-    allow_empty: Annotated[
-        bool, RunOpt("--allow-empty", help="An INPUT that lists no image is not an error (exit 0).")
-    ] = S.allow_empty,
-    json_report: Annotated[
-        bool, OutputOpt("--json", help="Print the run report as JSON, the last line of stdout; the rest to stderr.")
-    ] = False,
+    actors: SegmentActors = S.actors,
+    batch_size: SegmentBatchSize = S.batch_size,
+    device: SegmentDevice = S.device,
+    gpus_per_actor: SegmentGpusPerActor = S.gpus_per_actor,
+    cpus_per_actor: SegmentCpusPerActor = S.cpus_per_actor,
+    precision: SegmentPrecision = S.precision,
+    score_threshold: SegmentScoreThreshold = None,
+    max_pixels: SegmentMaxPixels = S.max_pixels,
+    max_file_bytes: SegmentMaxFileBytes = S.max_file_bytes,
+    max_error_rate: SegmentMaxErrorRate = S.max_error_rate,
+    overwrite: SegmentOverwrite = S.overwrite,
+    preview: SegmentPreview = S.preview,
+    progress: SegmentProgress = None,
+    flush_seconds: SegmentFlushSeconds = S.flush_seconds,
+    grace_seconds: SegmentGraceSeconds = S.grace_seconds,
+    stall_timeout: SegmentStallTimeout = S.stall_timeout,
+    allow_empty: SegmentAllowEmpty = S.allow_empty,
+    json_report: SegmentJsonReport = False,
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Segment every image under INPUT and write one Parquet row per image under OUTPUT.
@@ -202,7 +218,7 @@ def segment(
     3 storage, cluster or model failure, or a stall; 130/143 cancelled by SIGINT/SIGTERM;
     75 another run holds OUTPUT (retry later). After any of them but 2 and 75, re-running resumes.
     """
-    from m2f.jobs.segment import run
+    from m2f.jobs.segment.job import run
 
     values = options_of(ctx, config_file, "input", "output", json_mode=json_report)
     values["storage_options_json"] = values.pop("storage_options")
@@ -253,7 +269,7 @@ def train(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Fine-tune (or train from scratch) on Ray Train; resumes from OUTPUT's latest checkpoint."""
-    from m2f.jobs.train import run
+    from m2f.jobs.train.job import run
 
     values = options_of(ctx, config_file, "data", "output")
     uris = ("data", "output", "annotations", "images", "masks", "init", "endpoint_url")
@@ -302,7 +318,7 @@ def evaluate(
     semantic predictions against coco-instances are refused (exit 2): their AP is not instance AP.
     """
     values = dict(locals())  # the parameters, before anything else is bound here
-    from m2f.jobs.evaluate import EvaluateConfig, run
+    from m2f.jobs.evaluate.job import EvaluateConfig, run
 
     checked_uris(PREDICTIONS=predictions, GROUND_TRUTH=ground_truth, masks=masks, categories=categories)
     checked_uris(json=json_out, endpoint_url=endpoint_url)
@@ -336,7 +352,7 @@ def export_coco(
     Without --gt, image ids are int(image_id[:13], 16): 52 bits, so every JSON reader keeps them exact;
     stable, but not those of any COCO file.
     """
-    from m2f.jobs.export_coco import export_coco as export
+    from m2f.jobs.evaluate.export_coco import export_coco as export
 
     checked_uris(PREDICTIONS=predictions, RESULTS=results, gt=ground_truth, endpoint_url=endpoint_url)
     storage, fmt = storage_of(endpoint_url, storage_options), result_format
@@ -352,12 +368,10 @@ def synth(
     storage_options: StorageOpt = None,
 ) -> None:
     """Generate synthetic scenes (sky, ground, circles, rectangles, triangles) in COCO formats."""
-    checked_uris(OUTPUT=output, endpoint_url=endpoint_url)
-    from m2f.pipeline.training.synthetic import generate
+    from m2f.jobs.train.synth import run
 
-    done = generate(output, n, seed, storage=storage_of(endpoint_url, storage_options))
-    counts = f"{done['num_images']} images ({done['num_segments']} segments, {done['num_things']} things)"
-    Console().line(f"wrote {counts} to {output}: images/, panoptic.json + panoptic/, instances.json, semantic/")
+    checked_uris(OUTPUT=output, endpoint_url=endpoint_url)
+    raise typer.Exit(run(output, n, seed, storage=storage_of(endpoint_url, storage_options)))
 
 
 if __name__ == "__main__":  # pragma: no cover

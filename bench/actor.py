@@ -7,7 +7,7 @@ Three designs of the actor, on this machine's CPU, one torch thread, COCO-size o
 - full masks, serial (the actor before): forward + post-processing, the (N, H, W) masks to numpy, then
   RLE + statistics + row for each image in turn, inside the actor;
 - compact (the actor now): forward + post-processing + the compact form (id map, or packed box crops);
-  encoding runs in separate CPU tasks (`pipeline.rows.encode_rows`), timed here per image on its own;
+  encoding runs in separate CPU tasks (`pipeline.handover.encode_rows`), timed here per image on its own;
 - full masks, thread pool: as the first, but each group's encoding goes to a one-thread pool and
   overlaps the next group's forward pass.
 
@@ -95,7 +95,7 @@ def _per_image_ms(fn: Any, n: int, repeats: int) -> float:
 
 
 def _designs(predictor: Any, images: list[np.ndarray], batch: int, repeats: int) -> dict[str, float]:
-    from m2f.pipeline.rows import compact_row, encode_row
+    from m2f.pipeline.handover import compact_row, encode_row
 
     groups = [images[i : i + batch] for i in range(0, len(images), batch)]
     n = len(images)

@@ -147,9 +147,9 @@ def measure_one(model_uri: str, score_threshold: float | None, path: str, task: 
     from m2f.model.preprocess import resize_image, resized_shape
     from m2f.pipeline import decode as decoding
     from m2f.pipeline.decode import decode_image
+    from m2f.pipeline.handover import compact_row, compact_table, encode_rows
     from m2f.pipeline.predictor import Predictor, default_score_threshold
     from m2f.pipeline.preview import picture as preview
-    from m2f.pipeline.rows import compact_row, compact_table, encode_rows
 
     torch.set_num_threads(1)
     threshold = default_score_threshold(task) if score_threshold is None else score_threshold
@@ -216,8 +216,8 @@ def measure_one(model_uri: str, score_threshold: float | None, path: str, task: 
 def _warm_up(predictor: Any) -> None:
     """One small image through the stages first, so that no stage's figure includes first-use costs (lazy
     imports, pyarrow's and pycocotools' set-up, torch's thread pool)."""
+    from m2f.pipeline.handover import compact_row, compact_table, encode_rows
     from m2f.pipeline.preview.picture import png_bytes, render_preview
-    from m2f.pipeline.rows import compact_row, compact_table, encode_rows
 
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     (prediction,) = predictor.predict([predictor.resize(image)], [(48, 64)])

@@ -8,7 +8,7 @@ What one image costs in CPU time (`time.process_time`, one thread: core-millisec
 over (built on the model's device: timed here on the CPU, left out of the total feeding a GPU),
 device -> host (nothing on a CPU-only machine: reported as 0, with the bytes that would cross: the compact
 form against the full masks it replaces), RLE encoding + statistics + the row from the compact form (the
-encode stage, `pipeline.rows.encode_row`; the full masks' `encode_segments` beside it for comparison),
+encode stage, `pipeline.handover.encode_row`; the full masks' `encode_segments` beside it for comparison),
 and writing the row to Parquet (amortised over a 512-row part file). The masks are shaped
 as a COCO model's output: panoptic, 20 segments tiling the image; semantic, 20 classes tiling it;
 instance, 100 overlapping masks before the 0.5 score threshold (`--instance-kept` of them survive it).
@@ -100,8 +100,8 @@ def bench(images: int, repeats: int, instance_kept: int, seed: int, workdir: Pat
     from m2f.pipeline.compact import compact
     from m2f.pipeline.decode import decode_image
     from m2f.pipeline.encode import encode_segments, image_stats
+    from m2f.pipeline.handover import compact_row, encode_row
     from m2f.pipeline.output import parquet_bytes
-    from m2f.pipeline.rows import compact_row, encode_row
     from m2f.pipeline.schema import rows_to_table
 
     torch.set_num_threads(1)

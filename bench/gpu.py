@@ -14,7 +14,7 @@ and input size with `torch.utils.flop_counter.FlopCounterMode` (batch 1, per ima
 convolutions and attention, not the deformable-attention gathers or elementwise work, so achieved TFLOP/s is a
 slight underestimate). A batch that runs out of memory is recorded as OOM and ends that row of batch sizes.
 
-Pipeline: `jobs.segment.run` with `--device cuda`, one actor, one GPU, over `--pipeline-n` synthetic scenes
+Pipeline: `jobs.segment.job.run` with `--device cuda`, one actor, one GPU, over `--pipeline-n` synthetic scenes
 (upscaled by the preset's resize rule to 800 px on the short side) from a local folder to local Parquet
 (`bench.job.run_pipeline`); images/s with start-up and steady. Random weights produce almost no
 segments above the preset's thresholds, so post-processing and RLE encoding cost less than with a trained
@@ -170,7 +170,7 @@ def pipeline_rows(
     smoke: bool = False,
     checkpoint: str | None = None,
 ) -> list[dict[str, Any]]:
-    """`jobs.segment.run` with one actor on `device`, per preset (random weights) or `checkpoint`, per precision."""
+    """`jobs.segment.job.run` with one actor on `device`, per preset (random weights) or `checkpoint`, per precision."""
     from bench.job import run_pipeline
     from bench.workload import save_random, write_images
 

@@ -1,4 +1,4 @@
-"""`m2f segment` as the benchmarks run it: `jobs.segment.run` from INPUT to a fresh OUTPUT, timed, with its
+"""`m2f segment` as the benchmarks run it: `jobs.segment.job.run` from INPUT to a fresh OUTPUT, timed, with its
 rates, phases and Ray Data statistics read back from the run report and the part files."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def run_pipeline(
     storage: Storage | None = None,
     ray_cpus: int | None = None,
 ) -> dict[str, Any]:
-    """`jobs.segment.run` from `input` to a fresh `output`, timed; returns rates, phases and Ray Data's stats.
+    """`jobs.segment.job.run` from `input` to a fresh `output`, timed; returns rates, phases and Ray Data's stats.
 
     Ray: reused when this process already runs one (tests), started here with `ray_cpus` logical CPUs when
     given (timed as the run's ray_start/ray_stop), else started by the job itself as `m2f segment` does.
@@ -39,8 +39,8 @@ def run_pipeline(
     """
     import ray
 
-    from m2f.jobs.cluster import connect
-    from m2f.jobs.segment import SegmentConfig, run
+    from m2f.jobs.common.cluster import connect
+    from m2f.jobs.segment.job import SegmentConfig, run
 
     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else ray_cpus or os.cpu_count() or 1
     if actors * threads > cpus - 1:
@@ -78,10 +78,16 @@ def run_pipeline(
     wall = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"m2f segment {input} {output} exited with {code}")
+    return _read_back(output, config.storage.options(output), wall, ours, skip=batch_size * actors)
 
+
+def _read_back(
+    output: str, options: dict[str, Any], wall: float, ours: dict[str, float], *, skip: int
+) -> dict[str, Any]:
+    """A finished run's figures, from its report and part files; `ours`: the Ray start/stop timed here."""
     from m2f.pipeline.output import RUNS_DIR, list_part_files, read_part
 
-    fs, root = fsspec.core.url_to_fs(output, **config.storage.options(output))
+    fs, root = fsspec.core.url_to_fs(output, **options)
     fs.invalidate_cache()
     (report_path,) = fs.glob(posixpath.join(root, RUNS_DIR, "*.json"))
     report = json.loads(fs.cat_file(report_path))
@@ -93,7 +99,7 @@ def run_pipeline(
         seconds = part["processed_at"].to_numpy().astype("datetime64[us]").astype(np.int64) / 1e6
         stamps.extend(seconds[is_ok].tolist())
         segments += int(np.nansum(np.asarray(part["segment_count"].to_pylist(), dtype=float)))
-    steady, span = steady_rate(stamps, skip=batch_size * actors)
+    steady, span = steady_rate(stamps, skip=skip)
     timings = {**report.get("timings_s", {}), **ours}
     stats = report.get("ray_data_stats") or {}
     processing = timings.get("processing", 0.0)

@@ -3,7 +3,7 @@
     python -m bench.memory [--n1 200] [--n2 2000] [--model micro] [--batch-size 4] [--threads 1]
                            [--distinct 100] [--interval 0.2] [--repeats 1] [--in-process]
 
-Each run is `jobs.segment.run` from a local folder to local Parquet (`bench.job.run_pipeline`), in a fresh
+Each run is `jobs.segment.job.run` from a local folder to local Parquet (`bench.job.run_pipeline`), in a fresh
 process (spawned; it starts its own Ray), so neither run inherits the other's heap. A thread in this process
 samples, every `--interval` seconds, the RSS of that process (the driver) and of all its descendants (Ray's
 raylet, GCS and agents, and its workers: the prepare tasks, the model actor, the writers), and keeps the peak

@@ -7,7 +7,7 @@ The same synthetic scenes (`pipeline.synthetic.generate`, PNG, 128-320 px a side
 - the bare loop: `model.load`, then per image read + decode + resize, per group of equal padded size
   `to_batch` + forward + `postprocess`, per image RLE encoding and statistics: everything the job computes,
   in one process, one step after another, nothing written;
-- `jobs.segment.run` (what `m2f segment` calls) from a local folder to local Parquet, and from a moto S3
+- `jobs.segment.job.run` (what `m2f segment` calls) from a local folder to local Parquet, and from a moto S3
   server (a subprocess on 127.0.0.1) to Parquet on that server.
 Same model, batch size and torch threads: the actor gets `--threads` CPUs and as many torch threads, the bare
 loop `torch.set_num_threads(--threads)`. The bare loop groups images by padded size within windows of
@@ -74,7 +74,7 @@ def bare_loop(
     and the total segment count.
     """
     from m2f import model as m2f
-    from m2f.jobs.dataflow import ACTOR_BATCHES
+    from m2f.jobs.segment.dataflow import ACTOR_BATCHES
     from m2f.pipeline.decode import decode_image
     from m2f.pipeline.predictor import Predictor
 

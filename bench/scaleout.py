@@ -3,7 +3,7 @@
     python -m bench.scaleout [--n 200] [--model demo] [--actors 1,2] [--batch-size 4] [--threads 1]
                              [--repeats 1] [--ray-cpus CORES+1]
 
-`jobs.segment.run` from a local folder of synthetic scenes to local Parquet (`bench.job.run_pipeline`),
+`jobs.segment.job.run` from a local folder of synthetic scenes to local Parquet (`bench.job.run_pipeline`),
 once per actor count, `--repeats` rounds in turn. Reported: images/s with start-up and steady (after the first
 forward batch, from the rows' `processed_at`), and the speed-up over the first actor count (target: 2 actors
 >= 1.8x one actor on 2 cores).

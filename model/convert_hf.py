@@ -8,7 +8,6 @@ transformers writes to disk (`attention.self.query`, ...) and its in-memory v5 n
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from m2f.model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, PreprocessConfig, ResNetConfig, SwinConfig
@@ -219,7 +218,3 @@ def _preprocess_from_hf(pre: dict[str, Any] | None, default: PreprocessConfig) -
         max_size=default.max_size,
         size_divisibility=int(pre.get("size_divisor", 0) or default.size_divisibility),
     )
-
-
-def hf_key_is_backbone(key: str) -> bool:
-    return re.match(E, key) is not None

@@ -1,4 +1,6 @@
-"""Whether autograd is recording: the one test behind the model's inference-only fast paths."""
+"""Whether autograd is recording: the test behind the inference-only fast paths of the linear layers,
+deformable attention and ResNet's max-pool. ResNet's conv + norm fold keeps its own, stricter test (grad
+mode off, no autocast, running statistics: `model.resnet.ConvNorm.forward`)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ The figures are the bounds the implementation keeps, per pixel of the original i
   of columns and the runs (a few bytes a pixel of an id map at most), or one unpacked crop at a time
   (instance RLEs cost per run: R50's 88 ragged random masks of a 48 MP image measured 207 MB).
 
-`prepare_memory` and `actor_memory` turn them into the `memory=` requests of `jobs.dataflow.build_dataset`,
+`prepare_memory` and `actor_memory` turn them into the `memory=` requests of `jobs.segment.dataflow.build_dataset`,
 capped to a share of the node's memory: Ray never grants a request larger than a node, and a task or actor
 it cannot place waits for ever, so on a small machine (a 2-core, 24 GB CI runner) the reservation shrinks
 to what the node can give and the bound becomes the scheduler's best effort.

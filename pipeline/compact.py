@@ -13,8 +13,9 @@ actor's rate. The compact form is built on the device, so that only it travels:
 
 Segments below the score threshold (and instance masks that are empty at the output size, which are no
 instance) are dropped on the device too: they would only be copied to be thrown away.
-`pipeline.encode.rles_from_id_map` / `rles_from_crops` turn the compact form into the very RLEs that
-encoding the full masks gives.
+`CompactPrediction.rles` (`pipeline.encode.rles_from_id_map` / `rles_from_crops`) turns the compact form into
+the very RLEs that encoding the full masks gives; `pipeline.handover` carries it from the actor to the CPU
+stage that does that.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # np.packbits' default ("big") bit
 
 
 @dataclass
-class Prediction:
+class CompactPrediction:
     """One image's kept segments at its output (original) size, compact, on the CPU.
 
     Exactly one of `id_map` (panoptic, semantic), `boxes` + `bits` (instance) and `rle_counts` (instance
@@ -97,7 +98,7 @@ def keep_instance_mask(mask: Tensor) -> Tensor | bytes | None:
     return rle_from_runs(starts[ones], ends[ones], h, w)["counts"]
 
 
-def compact(task: str, segments: Segments, score_threshold: float) -> Prediction:
+def compact(task: str, segments: Segments, score_threshold: float) -> CompactPrediction:
     """One image's post-processed segments (on the model's device) -> the compact form, on the CPU.
 
     Only the compact tensors cross to the host: labels, scores, and an id map or packed crops.
@@ -117,7 +118,7 @@ def compact(task: str, segments: Segments, score_threshold: float) -> Prediction
             bytes_, rows = bytes_.index_select(0, kept), rows.index_select(0, kept)  # (n, H, W), (n, H)
         boxes = _boxes(rows, bytes_.amax(1)).cpu()  # (n, 4): the crops' sizes decide the packed layout
         bits = pack_crops(bytes_.view(torch.bool), boxes)
-        return Prediction(
+        return CompactPrediction(
             task, labels.cpu().numpy(), scores.cpu().numpy(), h, w, boxes=boxes.numpy(), bits=bits.cpu().numpy()
         )
     kept = keep.nonzero().flatten()  # (n,)
@@ -133,7 +134,7 @@ def compact(task: str, segments: Segments, score_threshold: float) -> Prediction
         lookup = torch.zeros(len(keep) + 1, dtype=dtype, device=id_map.device)  # old id -> new id, 0 stays 0
         lookup[kept + 1] = torch.arange(1, n + 1, device=id_map.device).to(dtype)
         id_map = remap(id_map, lookup)
-    return Prediction(task, labels.cpu().numpy(), scores.cpu().numpy(), h, w, id_map=id_map.cpu().numpy())
+    return CompactPrediction(task, labels.cpu().numpy(), scores.cpu().numpy(), h, w, id_map=id_map.cpu().numpy())
 
 
 def _packed(parts: Any) -> bool:
@@ -141,20 +142,14 @@ def _packed(parts: Any) -> bool:
     return isinstance(parts, list) and any(not isinstance(p, Tensor) for p in parts)
 
 
-def _compact_packed(segments: Segments, keep: Tensor) -> Prediction:
+def _compact_packed(segments: Segments, keep: Tensor) -> CompactPrediction:
     """Instance segments whose masks became RLE counts as they were made: the kept ones', in order."""
     parts, which = segments.parts, segments.which.tolist()
     chosen = [i for i, ok in enumerate(keep.tolist()) if ok and parts[which[i]] is not None]
     index = torch.tensor(chosen, dtype=torch.int64, device=segments.labels.device)
     labels, scores = segments.labels[index].cpu().numpy(), segments.scores[index].cpu().numpy()
     h, w = segments.size
-    return Prediction("instance", labels, scores, h, w, rle_counts=[parts[which[i]] for i in chosen])
-
-
-def mask_boxes(masks: Tensor) -> Tensor:
-    """masks (N, H, W) bool, none empty -> (N, 4) int32 boxes y0, x0, y1, x1 (end exclusive), on their device."""
-    bytes_ = masks.view(torch.uint8)
-    return _boxes(bytes_.amax(2), bytes_.amax(1))
+    return CompactPrediction("instance", labels, scores, h, w, rle_counts=[parts[which[i]] for i in chosen])
 
 
 def _boxes(rows: Tensor, cols: Tensor) -> Tensor:

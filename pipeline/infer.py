@@ -2,8 +2,8 @@
 
 `prepare_images` reads each listed URI, decodes it and resizes it (`decode_resized`) by the model's
 preprocessing rule; `Segmenter` batches equal padded sizes through the network and hands each image's
-segments on in the compact form (COMPACT_SCHEMA rows, `pipeline.rows`), which `encode_rows`, a CPU stage
-after it, turns into OUTPUT_SCHEMA rows. All take and return plain batches, so they run and test without Ray.
+segments on in the compact form (COMPACT_SCHEMA rows, `pipeline.handover`), which `encode_rows`, a CPU
+stage after it, turns into OUTPUT_SCHEMA rows. All take and return plain batches, so they run and test without Ray.
 
 Between the first two stages a row is one listed image, laid out as WORK_SCHEMA. A file that cannot be
 read or decoded travels on as a row with status "error" and its reason; the Segmenter passes it on as the
@@ -23,24 +23,22 @@ import torch
 
 from m2f.model.config import PreprocessConfig
 from m2f.model.preprocess import resized_size
+from m2f.pipeline.compact import CompactPrediction
 from m2f.pipeline.decode import DecodeError, decode_resized
-from m2f.pipeline.predictor import Prediction, Predictor, autocast_dtype
+from m2f.pipeline.handover import compact_error_row, compact_row, compact_table
+from m2f.pipeline.predictor import Predictor, check_precision
 from m2f.pipeline.reading import CREDENTIALS_IN_URI, ReadLimits, Unreadable, read_all
-from m2f.pipeline.rows import compact_error_row, compact_row, compact_table
-from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, describe
+from m2f.pipeline.schema import STATUS_ERROR, STATUS_OK, describe, stage_fields
 from m2f.pipeline.secrets import has_userinfo, scrub, secret_values
 from m2f.pipeline.storage import Storage, open_fs, protocol_of
 
-# One listed image between the prepare stage and the model. Sentinels instead of nulls (0 sizes,
-# -1 bytes) keep the integer columns integer when Ray hands them over as numpy arrays.
+# One listed image between the prepare stage and the model. The columns it shares with the output row have
+# their types (`stage_fields`), with sentinels instead of nulls so that the integer columns stay integer when
+# Ray hands them over as numpy arrays: error "" when ok; the upright original width, height 0 on error;
+# source_bytes -1 when the file could not be read.
 WORK_SCHEMA = pa.schema(
     [
-        pa.field("image_uri", pa.string()),
-        pa.field("status", pa.string()),
-        pa.field("error", pa.string()),  # "" when ok
-        pa.field("width", pa.int32()),  # upright original size; 0 on error
-        pa.field("height", pa.int32()),
-        pa.field("source_bytes", pa.int64()),  # -1 when the file could not be read
+        *stage_fields("image_uri", "status", "error", "width", "height", "source_bytes"),
         pa.field("image", pa.binary()),  # resized (h, w, 3) uint8 RGB, C order; empty on error
         pa.field("image_height", pa.int32()),  # h, w of `image`; 0 on error
         pa.field("image_width", pa.int32()),
@@ -128,7 +126,7 @@ class Segmenter:
     (padding changes predictions, so a group never mixes sizes); a group that fails is retried image
     by image, and an image that still fails becomes an error row. The image -> segments work itself is
     the `Predictor`'s, up to the compact form on the device; RLE encoding, statistics and the output row
-    are `pipeline.rows.encode_rows`', in CPU tasks, so that they never hold the accelerator back.
+    are `pipeline.handover.encode_rows`', in CPU tasks, so that they never hold the accelerator back.
     """
 
     def __init__(
@@ -148,7 +146,7 @@ class Segmenter:
         from m2f.model import load  # the checkpoint loaders are only needed where the model lives
 
         self.device = torch.device(device)
-        autocast_dtype(precision, self.device)  # a bad setting fails before the checkpoint is read
+        check_precision(precision, self.device.type)  # a bad setting fails before the checkpoint is read
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads is not None:
@@ -204,7 +202,7 @@ class Segmenter:
         return [self._ok(batch, i, p, per_image_ms) for i, p in zip(members, predictions, strict=True)]
 
     def _ok(
-        self, batch: Mapping[str, Sequence[Any]], i: int, prediction: Prediction, inference_ms: float
+        self, batch: Mapping[str, Sequence[Any]], i: int, prediction: CompactPrediction, inference_ms: float
     ) -> dict[str, Any]:
         return compact_row(
             str(batch["image_uri"][i]),

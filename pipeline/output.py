@@ -5,7 +5,7 @@ evaluation, the benchmarks), so they cannot disagree on which files hold rows. O
 
     part-<run_id>-<seq:06d>.parquet   the rows (pipeline/schema.py's OUTPUT_SCHEMA), directly under OUTPUT
     _runs/<run_id>.json / .log        each run's report and log; _runs/<run_id>-work/ its work manifests
-    _runs/_lease.json                 the lease of the run that holds OUTPUT now (jobs/lease.py)
+    _runs/_lease.json                 the lease of the run that holds OUTPUT now (jobs/segment/lease.py)
     _previews/                        PNG previews and their index.html
     _quarantine/                      part files that could not be read, moved aside by a later run
     .<name>.m2f-tmp-*                 an atomic write in progress (storage.write_atomic)

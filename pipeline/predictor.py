@@ -2,11 +2,11 @@
 
 `Predictor(net, task=...)` owns everything between pixels and segment dicts: the model's test-time
 resize, normalisation and padding, the forward pass (under autocast for bf16/fp16), the configured
-task's post-processing, the compact form the device hands to the host (`pipeline.compact`: an id map or
-box-cropped packed masks, without segments below the score threshold) and the conversion to the rows'
-`segments` (COCO RLE). Batch
-plumbing (Ray batches, error rows, retries) stays with its callers, so the numbers a user gets from
-`Predictor(net)(image)` are the ones `m2f segment` writes.
+task's post-processing, the compact form the device hands to the host (`pipeline.compact.CompactPrediction`:
+an id map or box-cropped packed masks, without segments below the score threshold) and its encoding into the
+rows' `segments` (COCO RLE, `encode`). Batch plumbing (Ray batches, error rows, retries) stays with its
+callers, so the numbers a user gets from `Predictor(net)(image)` are the ones `m2f segment` writes.
+`check_precision` is the one rule for `precision`, for callers that refuse a bad setting early.
 
     from m2f import model
     from m2f.pipeline.predictor import Predictor
@@ -31,10 +31,10 @@ from m2f.model.config import TASKS
 from m2f.model.mask2former import Mask2Former
 from m2f.model.postprocess import postprocess
 from m2f.model.preprocess import group_by_padded_size, resize_image, to_batch
-from m2f.pipeline.compact import LARGE_PIXELS, Prediction, compact, keep_instance_mask
+from m2f.pipeline.compact import LARGE_PIXELS, CompactPrediction, compact, keep_instance_mask
 from m2f.pipeline.encode import image_stats, segment_dicts
 
-__all__ = ["Prediction", "Predictor", "autocast_dtype", "default_score_threshold"]
+__all__ = ["CompactPrediction", "Predictor", "autocast_dtype", "check_precision", "default_score_threshold"]
 
 INSTANCE_SCORE_THRESHOLD = 0.5  # detectron2's demo and Hugging Face's pipeline keep instances scoring >= 0.5
 
@@ -48,15 +48,22 @@ def default_score_threshold(task: str) -> float:
     return INSTANCE_SCORE_THRESHOLD if task == "instance" else 0.0
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `precision` on `device`; ValueError for a name we do not know or fp16 on a CPU.
+def check_precision(precision: str, device_type: str | None) -> None:
+    """The one precision rule: ValueError for a name we do not know, or for fp16 on anything but a CUDA
+    device. `device_type` "cuda", "cpu", ... or None while the device is not decided yet (only the name is
+    checked then).
 
     Separate from `Predictor` so that a caller can refuse a bad setting before loading a checkpoint.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device_type is not None and device_type != "cuda":
+        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device` (None: plain fp32); ValueError as `check_precision`."""
+    check_precision(precision, device.type)
     return PRECISIONS[precision]
 
 
@@ -123,7 +130,7 @@ class Predictor:
         sizes = [image.shape[:2] for image in images]
         return group_by_padded_size(sizes, batch_size, self.config.preprocess.size_divisibility)
 
-    def predict(self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]]) -> list[Prediction]:
+    def predict(self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]]) -> list[CompactPrediction]:
         """Resized images (h, w, 3) of one padded size -> the configured task's prediction per image, at
         `output_sizes` (each image's original (H, W)), compact, without segments scoring below
         `score_threshold` (nor instances whose mask is empty at that size)."""
@@ -131,7 +138,7 @@ class Predictor:
 
     def predict_tasks(
         self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]], tasks: Sequence[str]
-    ) -> list[dict[str, Prediction]]:
+    ) -> list[dict[str, CompactPrediction]]:
         """As `predict`, for several tasks from one forward pass (the quality scorer wants PQ and AP)."""
         with torch.inference_mode():
             pixel_values, image_sizes = to_batch(images, self.config.preprocess, device=self.device)  # (B, 3, Hp, Wp)
@@ -159,11 +166,11 @@ class Predictor:
                 for i in range(len(images))
             ]
 
-    def encode(self, prediction: Prediction) -> list[dict[str, Any]]:
+    def encode(self, prediction: CompactPrediction) -> list[dict[str, Any]]:
         """A prediction -> segment dicts (COCO RLE, area, bbox, class and score), ids 1..N in its order."""
         return segment_dicts(prediction.rles(), *self.classes(prediction), prediction.scores)
 
-    def classes(self, prediction: Prediction) -> tuple[list[int], list[str], list[bool]]:
+    def classes(self, prediction: CompactPrediction) -> tuple[list[int], list[str], list[bool]]:
         """Per segment of `prediction`: its dataset category id, class name and whether it is a thing."""
         labels, cfg = prediction.labels.tolist(), self.config
         if labels and (min(labels) < 0 or max(labels) >= len(cfg.class_names)):

@@ -1,9 +1,13 @@
-"""The output table: one row per listed input image, plain Arrow types only.
+"""The output row, defined here once: its columns, the ok and error rows, and the image's id.
+
+The output table has one row per listed input image, plain Arrow types only.
 
 Readers (DuckDB, Spark, pandas, BigQuery) need no extension types and no Ray. Column names are a
 contract: add columns, never rename or retype them without bumping SCHEMA_VERSION. Each field
 carries its description as Arrow field metadata ("description"), so the Parquet files document
-themselves; `COLUMN_DOCS` is the same text for the README.
+themselves; `COLUMN_DOCS` is the same text for the README. The rows that travel between the stages
+before it (`pipeline.infer.WORK_SCHEMA`, `pipeline.handover.COMPACT_SCHEMA`) take the columns they share
+with it from here (`stage_fields`).
 """
 
 from __future__ import annotations
@@ -92,9 +96,24 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
+def stage_fields(*names: str) -> list[pa.Field]:
+    """The output columns `names`, in that order, as the stages before the output carry them: the same
+    types, nullable and undocumented (their rows hold sentinels such as 0 or -1 instead of nulls)."""
+    return [pa.field(name, OUTPUT_SCHEMA.field(name).type) for name in names]
+
+
 def image_id(uri: str) -> str:
     """Stable id of an input: the first 16 hex chars of sha256 of the UTF-8 URI."""
-    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
+    return _id_bytes(uri).hex()
+
+
+def image_key(uri: str) -> int:
+    """`image_id` as a uint64 (the same first 8 bytes of the sha256, big-endian): a key for numpy arrays."""
+    return int.from_bytes(_id_bytes(uri), "big")
+
+
+def _id_bytes(uri: str) -> bytes:
+    return hashlib.sha256(uri.encode("utf-8")).digest()[:8]
 
 
 def describe(e: BaseException) -> str:
@@ -153,7 +172,8 @@ def ok_row(
     run_id: str,
     source_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """The row for a segmented image; `segments` from `encode_segments`, `stats` from `image_stats`."""
+    """The row for a segmented image; `segments` as `pipeline.encode.segment_dicts` makes them (from the
+    compact form's RLEs, or `encode_segments` of full masks), `stats` from `image_stats`."""
     return {
         **_base_row(uri, task=task, model=model, run_id=run_id),
         "status": STATUS_OK,

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from m2f.cli import app
-from m2f.jobs.arguments import check_local_capacity, local_resources
-from m2f.jobs.configs import LIMITS, MAX_CONFIG_FILE_BYTES, SegmentConfig
+from m2f.jobs.common.arguments import check_local_capacity, local_resources
+from m2f.jobs.common.configs import LIMITS, MAX_CONFIG_FILE_BYTES, SegmentConfig
 from m2f.pipeline.paths import is_filesystem_root, normalised, same_or_under
 from m2f.pipeline.secrets import has_userinfo, without_userinfo
 from tests.test_segment_job import write_images

@@ -75,7 +75,7 @@ def test_instance_masks_packed_as_made_give_the_same_compact_form(monkeypatch) -
     assert [r["counts"] for r in a.rles()] == [r["counts"] for r in b.rles()]
     assert np.array_equal(a.masks(), b.masks())
     # and through the compact row and the encode stage
-    from m2f.pipeline.rows import compact_row, compact_table, encode_rows
+    from m2f.pipeline.handover import compact_row, compact_table, encode_rows
 
     classes = ([1] * len(a.labels), ["x"] * len(a.labels), [True] * len(a.labels))
     out = [
@@ -173,13 +173,14 @@ def test_runs_of_an_id_map_by_blocks_of_columns_equal_the_whole_map() -> None:
 def test_encode_rows_reads_masks_from_arrow_without_copies_the_same() -> None:
     import pyarrow as pa
 
-    from m2f.pipeline.compact import Prediction
-    from m2f.pipeline.rows import compact_row, compact_table, encode_rows
+    from m2f.pipeline.compact import CompactPrediction
+    from m2f.pipeline.handover import compact_row, compact_table, encode_rows
 
     rows = []
     for i in range(3):
         id_map = np.random.default_rng(i).integers(0, 3, (11, 7)).astype(np.uint8)
-        prediction = Prediction("panoptic", np.array([0, 1]), np.array([0.9, 0.8], np.float32), 11, 7, id_map=id_map)
+        scores = np.array([0.9, 0.8], np.float32)
+        prediction = CompactPrediction("panoptic", np.array([0, 1]), scores, 11, 7, id_map=id_map)
         classes = ([1, 2], ["a", "b"], [True, False])
         rows.append(compact_row(f"u{i}", prediction, classes, model="m", run_id="r", inference_ms=1.0, source_bytes=5))
     table = pa.concat_tables([compact_table(rows[:1]), compact_table(rows[1:])])  # two chunks
@@ -192,7 +193,7 @@ def test_build_dataset_reserves_memory_for_the_prepare_tasks_and_the_actors(ray_
     import numpy as np
 
     from m2f.jobs.common.configs import SegmentConfig
-    from m2f.jobs.dataflow import MODEL_BYTES, READ_AHEAD_BYTES, build_dataset
+    from m2f.jobs.segment.dataflow import MODEL_BYTES, READ_AHEAD_BYTES, build_dataset
     from m2f.jobs.segment.resume import WorkPlan
     from m2f.model.config import PreprocessConfig
 

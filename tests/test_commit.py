@@ -1,5 +1,5 @@
-"""The driver's part-file writer (jobs.commit), progress lines (jobs.progress) and the ledger's rules for
-replacing rows (jobs.resume: supersede, interrupted overwrites), on real files."""
+"""The driver's part-file writer (segment/commit.py), progress lines (common/progress.py) and the ledger's rules for
+replacing rows (segment/resume.py: supersede, interrupted overwrites), on real files."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from m2f.jobs.commit import PartWriter
-from m2f.jobs.progress import Progress, format_duration
-from m2f.jobs.resume import interrupted_overwrites, plan_work, remaining_work, scan_output, supersede, uri_key
+from m2f.jobs.common.progress import Progress, format_duration
+from m2f.jobs.segment.commit import PartWriter
+from m2f.jobs.segment.resume import image_key, interrupted_overwrites, plan_work, remaining_work, scan_output, supersede
 from m2f.pipeline.schema import OUTPUT_SCHEMA, error_row, ok_row, rows_to_table
 from m2f.pipeline.storage import open_fs
 
@@ -61,7 +61,7 @@ def test_a_file_is_committed_for_every_rows_per_file_rows_and_the_rest_at_close(
     assert [pq.read_metadata(p).num_rows for p in parts(tmp_path)] == [4, 4, 2]
     assert pq.read_schema(parts(tmp_path)[0]).equals(OUTPUT_SCHEMA)
     assert [(c.ok, c.error) for c in commits] == [(4, 0), (4, 0), (2, 0)]
-    assert sorted(k for c in commits for k in c.keys.tolist()) == sorted(uri_key(f"/x/{n}.png") for n in "abcdefghij")
+    assert sorted(k for c in commits for k in c.keys.tolist()) == sorted(image_key(f"/x/{n}.png") for n in "abcdefghij")
     assert not list(tmp_path.glob(".*"))  # no temporaries left
 
 
@@ -85,17 +85,19 @@ def test_remaining_work_leaves_out_what_was_committed_and_replaces_the_plan_file
     folder = f"{root}/_runs/r-work"
     fs.makedirs(folder, exist_ok=True)
     listing = list_inputs(str(tmp_path / "in.txt"), {})
-    plan = plan_work(listing, np.array(sorted(uri_key(u) for u in uris[:2]), np.uint64), fs=fs, folder=folder)
+    plan = plan_work(listing, np.array(sorted(image_key(u) for u in uris[:2]), np.uint64), fs=fs, folder=folder)
     assert len(plan.pending) == 8
-    done = np.array(sorted(uri_key(u) for u in uris[2:5] + uris[9:]), np.uint64)
+    done = np.array(sorted(image_key(u) for u in uris[2:5] + uris[9:]), np.uint64)
     rest = remaining_work(plan, done, fs=fs, folder=folder, round=1)
     left = [u for f in rest.files for u in pq.read_table(f)["image_uri"].to_pylist()]
     assert left == uris[5:9]
-    assert rest.pending.tolist() == sorted(uri_key(u) for u in uris[5:9])
+    assert rest.pending.tolist() == sorted(image_key(u) for u in uris[5:9])
     assert (rest.listed, rest.already_done) == (plan.listed, plan.already_done) == (10, 2)
     assert sorted(fs.ls(folder)) == sorted(rest.files) and all("work-r1-" in f for f in rest.files)
     assert (
-        remaining_work(rest, np.array(sorted(uri_key(u) for u in uris), np.uint64), fs=fs, folder=folder, round=2).files
+        remaining_work(
+            rest, np.array(sorted(image_key(u) for u in uris), np.uint64), fs=fs, folder=folder, round=2
+        ).files
         == []
     )
 
@@ -217,9 +219,9 @@ def test_supersede_removes_earlier_rows_only_of_images_redone(tmp_path) -> None:
     pq.write_table(rows(["e"], run_id="resumed", status="error"), tmp_path / "part-resumed-2.parquet")
     fs, root = open_fs(str(tmp_path), {})
     existing = scan_output(fs, root, model="tiny@0", task="semantic", resumed=frozenset({"resumed"}))
-    assert existing.resumed_keys.tolist() == [uri_key("/x/d.png")]
+    assert existing.resumed_keys.tolist() == [image_key("/x/d.png")]
     # This run committed new rows for a, c and e; d's row from the resumed run counts as new too.
-    new = np.sort(np.array([uri_key(f"/x/{n}.png") for n in "aced"], np.uint64))
+    new = np.sort(np.array([image_key(f"/x/{n}.png") for n in "aced"], np.uint64))
     assert supersede(fs, existing.parts, new, frozenset({"resumed"})) == 3
     assert uris_in(tmp_path) == ["/x/b.png", "/x/d.png"]  # b untouched; d kept (its resumed ok row)
     assert not (tmp_path / "part-old-2.parquet").exists() and not (tmp_path / "part-resumed-2.parquet").exists()

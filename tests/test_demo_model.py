@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from m2f import model as m2f
-from m2f.jobs.quality import score
+from m2f.jobs.evaluate.quality import score
 from m2f.pipeline.training.synthetic import generate
 
 FRESH_SEED = 424242  # never used for training (1), monitoring (500) or the README's held-out set (1000)

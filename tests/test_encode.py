@@ -21,6 +21,7 @@ from m2f.pipeline.schema import (
     SCHEMA_VERSION,
     error_row,
     image_id,
+    image_key,
     ok_row,
     rows_to_table,
 )
@@ -174,6 +175,13 @@ def test_image_id_is_a_stable_sha256_prefix() -> None:
     uri = "s3://bucket/dir with space/ümlaut café.jpg"
     assert image_id(uri) == hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
     assert len(image_id("/a.jpg")) == 16 and image_id("/a.jpg") != image_id("/b.jpg")
+
+
+def test_image_key_is_image_id_as_a_uint64() -> None:
+    for uri in ("/a.jpg", "s3://bucket/dir/é.png", ""):
+        assert image_key(uri) == int(image_id(uri), 16)
+        assert np.array([image_key(uri)], dtype=np.uint64)[0] == image_key(uri)  # fits a uint64
+    assert image_key("/a.jpg") != image_key("/b.jpg")
 
 
 def test_schema_is_plain_arrow_and_documented() -> None:

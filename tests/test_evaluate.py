@@ -29,8 +29,8 @@ from pycocotools.cocoeval import COCOeval
 from typer.testing import CliRunner
 
 from m2f.cli import app
-from m2f.jobs.evaluate import EvaluateConfig, run
-from m2f.jobs.export_coco import export_coco, stable_image_id
+from m2f.jobs.evaluate.export_coco import export_coco, stable_image_id
+from m2f.jobs.evaluate.job import EvaluateConfig, run
 from m2f.pipeline.encode import encode_segments, image_stats
 from m2f.pipeline.metrics.coco_ap import COCO_STAT_NAMES
 from m2f.pipeline.schema import error_row, image_id, ok_row, rows_to_table
@@ -868,6 +868,7 @@ def test_predictions_and_metrics_on_s3(tmp_path: Path, s3_fs, s3_bucket: str, s3
         ("masks_with_instances", "--masks applies to coco-panoptic only"),
         ("no_match", "no predicted image (1 ok) (e.g. zzz.png) has a file name listed in"),
         ("size_mismatch", "was segmented at 12x10"),
+        ("gt_image_without_file_name", "images[0] lacks 'file_name'"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(case: str, message: str, tmp_path: Path) -> None:
@@ -881,6 +882,9 @@ def test_bad_input_exits_2_with_a_clear_message(case: str, message: str, tmp_pat
     (tmp_path / "empty").mkdir()
     (tmp_path / "labels").mkdir()
     Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(tmp_path / "labels" / "a.png")
+    nameless = json.loads(gt_json.read_text())
+    del nameless["images"][0]["file_name"]  # a KeyError deep in the scorer, were it not checked where it is read
+    (tmp_path / "nameless.json").write_text(json.dumps(nameless))
     args = {
         "missing_predictions": [str(tmp_path / "nope"), str(gt_json)],
         "no_parquet": [str(tmp_path / "empty"), str(gt_json)],
@@ -892,6 +896,7 @@ def test_bad_input_exits_2_with_a_clear_message(case: str, message: str, tmp_pat
         "masks_with_instances": [predictions, str(instances), "--gt-format", "coco-instances", "--masks", "x"],
         "no_match": [predictions, str(gt_json)],
         "size_mismatch": [predictions, str(gt_json)],
+        "gt_image_without_file_name": [predictions, str(tmp_path / "nameless.json"), "--masks", str(tmp_path)],
     }[case]
     code, output, _ = evaluate_cli(*args)
     assert code == 2, output

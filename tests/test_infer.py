@@ -22,9 +22,9 @@ from m2f.model import ModelConfig, build_model, save
 from m2f.model.config import DecoderConfig, PixelDecoderConfig, PostprocessConfig, PreprocessConfig, ResNetConfig
 from m2f.model.preprocess import padded_size, resize_image, resized_shape
 from m2f.pipeline.decode import decode_image
+from m2f.pipeline.handover import COMPACT_SCHEMA, encode_rows
 from m2f.pipeline.infer import WORK_SCHEMA, Segmenter, model_label, prepare_images
-from m2f.pipeline.predictor import Predictor
-from m2f.pipeline.rows import COMPACT_SCHEMA, encode_rows
+from m2f.pipeline.predictor import Predictor, check_precision
 from m2f.pipeline.schema import OUTPUT_SCHEMA, image_id
 from m2f.pipeline.secrets import scrub, secret_values
 from tests.conftest import TEST_SECRETS
@@ -264,10 +264,22 @@ def test_predictor_load_takes_a_pil_image_upright_as_the_job_reads_files(
 
 
 def test_bad_settings_are_value_errors(model_path: str) -> None:
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
         Segmenter(model_path, run_id="r", precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         Segmenter(model_path, run_id="r", precision="int8")
+
+
+def test_the_one_precision_rule() -> None:
+    for precision in ("fp32", "bf16", "fp16"):
+        check_precision(precision, "cuda")
+        check_precision(precision, None)  # the device not decided yet: only the name is checked
+    check_precision("bf16", "cpu")
+    for device_type in ("cpu", "mps"):
+        with pytest.raises(ValueError, match="precision fp16 needs a GPU; use bf16 or fp32 on CPU"):
+            check_precision("fp16", device_type)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'int8'"):
+        check_precision("int8", None)
 
 
 def test_bf16_autocast_runs_on_cpu(model_path: str, images: dict[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""One run per OUTPUT: the lease (jobs/lease.py) on local files and on the moto S3 server, then `m2f segment`
+"""One run per OUTPUT: the lease (jobs/segment/lease.py) on local files and on the moto S3 server, then `m2f segment`
 end to end — refused while another run holds OUTPUT, taking over from a SIGKILLed run, two runs at once.
 
 Real parts only: the local filesystem, moto on 127.0.0.1, real processes (a stalled holder is a process
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from fsspec import AbstractFileSystem
 
-from m2f.jobs.lease import EXIT_BUSY, Busy, Lease, process_id
+from m2f.jobs.segment.lease import EXIT_BUSY, Busy, Lease, process_id
 from m2f.pipeline.storage import open_fs, storage_options
 from tests.processes import kill_tree
 from tests.test_lifecycle import start, wait_for_part_file
@@ -35,7 +35,7 @@ RACERS = 4
 # A holder of the lease in a process of its own, until it learns it has lost the lease.
 HOLDER = """
 import sys, time
-from m2f.jobs.lease import Lease
+from m2f.jobs.segment.lease import Lease
 from m2f.pipeline.storage import open_fs, storage_options
 uri, endpoint = sys.argv[1], sys.argv[2]
 fs, root = open_fs(uri, storage_options(uri, endpoint_url=endpoint or None))

@@ -18,7 +18,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from m2f.jobs.lifecycle import DUPLICATE_SIGNAL_S, Stop
+from m2f.jobs.common.lifecycle import DUPLICATE_SIGNAL_S, Stop
 from tests.fault_proxy import fault_proxy
 from tests.processes import descendants, kill_tree
 from tests.test_infer import png
@@ -241,8 +241,8 @@ def test_a_part_file_that_cannot_be_written_ends_the_run_with_exit_3_and_one_lin
 SHUTDOWN_UNDER_SIGTERM = """
 import os, signal, subprocess, sys
 import ray
-from m2f.jobs.cluster import ray_session
-from m2f.jobs.lifecycle import Stop, handling_signals
+from m2f.jobs.common.cluster import ray_session
+from m2f.jobs.common.lifecycle import Stop, handling_signals
 
 stop = Stop()
 stop.raise_now = False  # as while results flow: the handler only records the request

@@ -48,7 +48,7 @@ def test_the_installed_package_runs_beside_a_users_own_model_and_jobs(wheel: Pat
         module.write_text("raise ImportError('the user\\'s own module was imported')\n")
     env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run(
-        [sys.executable, "-c", "import m2f.cli, m2f.jobs.segment as s; print(s.__file__)"],
+        [sys.executable, "-c", "import m2f.cli, m2f.jobs.segment.job as s; print(s.__file__)"],
         cwd=project,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""The compact hand-over (`pipeline.compact`) and the encode stage (`pipeline.rows.encode_rows`) against
+"""The compact hand-over (`pipeline.compact`) and the encode stage (`pipeline.handover.encode_rows`) against
 the slow, obviously-correct reference: the full (N, H, W) masks of post-processing, encoded one by one with
 `encode_segments`, as the model actor did before. Rows must be identical: RLE bytes, areas, boxes, scores,
 statistics, for all three tasks, on real output of the tiny test models and on hand-made edge cases.
@@ -17,11 +17,11 @@ import torch
 from m2f import model
 from m2f.model.postprocess import Segments, postprocess
 from m2f.model.preprocess import to_batch
-from m2f.pipeline.compact import Prediction, compact, id_map_dtype, pack_crops, unpack_crops
+from m2f.pipeline.compact import CompactPrediction, compact, id_map_dtype, pack_crops, unpack_crops
 from m2f.pipeline.encode import encode_segments, image_stats
+from m2f.pipeline.handover import COMPACT_SCHEMA, compact_row, compact_table, encode_rows
 from m2f.pipeline.infer import Segmenter
 from m2f.pipeline.predictor import Predictor
-from m2f.pipeline.rows import COMPACT_SCHEMA, compact_row, compact_table, encode_rows
 from m2f.pipeline.schema import OUTPUT_SCHEMA, ok_row, rows_to_table
 from tests.test_infer import as_numpy_batch, png, prepared, tiny_model_file
 
@@ -232,6 +232,6 @@ def test_error_rows_pass_through_and_a_corrupt_row_fails_alone(task_models: dict
 def test_prediction_masks_are_the_kept_full_masks(task_models: dict[str, str]) -> None:
     seg = instance_segments()
     prediction = compact("instance", seg, 0.3)
-    assert isinstance(prediction, Prediction) and prediction.id_map is None
+    assert isinstance(prediction, CompactPrediction) and prediction.id_map is None
     keep = (seg.scores >= 0.3) & seg.masks.flatten(1).any(1)
     np.testing.assert_array_equal(prediction.masks(), seg.masks[keep].numpy())

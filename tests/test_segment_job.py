@@ -25,20 +25,19 @@ import torch
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-import m2f.jobs.resume as resume
+import m2f.jobs.segment.resume as resume
 from m2f.cli import app
-from m2f.jobs.configs import SegmentConfig
-from m2f.jobs.dataflow import actors_that_fit, capacity_warnings, resolve_device
-from m2f.jobs.resume import (
+from m2f.jobs.common.configs import SegmentConfig
+from m2f.jobs.segment.dataflow import actors_that_fit, capacity_warnings, resolve_device
+from m2f.jobs.segment.resume import (
     drop_superseded_errors,
     ids_to_keys,
     isin_sorted,
     plan_work,
     scan_output,
     supersede,
-    uri_key,
 )
-from m2f.pipeline.schema import OUTPUT_SCHEMA, error_row, image_id, ok_row, rows_to_table
+from m2f.pipeline.schema import OUTPUT_SCHEMA, error_row, image_id, image_key, ok_row, rows_to_table
 from m2f.pipeline.sources import list_inputs
 from m2f.pipeline.storage import open_fs
 from tests.conftest import TEST_AWS_ACCESS_KEY_ID, TEST_AWS_SECRET_ACCESS_KEY, TEST_SECRETS
@@ -317,7 +316,7 @@ def test_cuda_without_a_gpu_exits_2(ray_cluster, models, tmp_path) -> None:
 def test_image_ids_convert_to_the_uint64_keys_of_their_uris() -> None:
     uris = [f"s3://bucket/img {i}.jpg" for i in range(1000)] + ["/local/ümlaut.png"]
     keys = ids_to_keys(pa.array([image_id(u) for u in uris]))
-    assert keys.dtype == np.uint64 and keys.tolist() == [uri_key(u) for u in uris]
+    assert keys.dtype == np.uint64 and keys.tolist() == [image_key(u) for u in uris]
     assert ids_to_keys(pa.array([], pa.string())).shape == (0,)
     with pytest.raises(ValueError, match="16 hex digits"):
         ids_to_keys(pa.array(["not-a-hex-id-xyz"]))
@@ -334,10 +333,10 @@ def test_plan_skips_done_and_repeated_uris(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(resume, "WORK_CHUNK", 3)  # repeats across chunk boundaries too
     monkeypatch.setattr(resume, "WORK_FILE_ROWS", 2)  # a chunk's URIs over several files
     fs, root = open_fs(str(tmp_path / "work"), {})
-    done = np.sort(np.array([uri_key(uris[4])], np.uint64))
+    done = np.sort(np.array([image_key(uris[4])], np.uint64))
     plan = plan_work(list_inputs(str(manifest), {}), done, fs=fs, folder=root)
     assert (plan.listed, plan.duplicates, plan.already_done, len(plan.pending)) == (7, 2, 1, 4)
-    assert plan.pending.tolist() == sorted(uri_key(u) for u in uris[:4])
+    assert plan.pending.tolist() == sorted(image_key(u) for u in uris[:4])
     files = [pq.read_table(path)["image_uri"].to_pylist() for path in plan.files]
     assert [u for f in files for u in f] == uris[:4]  # listing order kept
     assert max(len(f) for f in files) == 2 and len(files) == 3  # [u0 u1] [u2], then [u3]
@@ -355,9 +354,9 @@ def test_earlier_rows_of_redone_images_and_superseded_errors_are_rewritten_away(
     pq.write_table(rows_to_table([ok[1]]), tmp_path / "part-3.parquet")
     fs, root = open_fs(str(tmp_path), {})
     existing = scan_output(fs, root, model="tiny@0", task="semantic")
-    assert existing.ok_keys.tolist() == sorted(uri_key(f"/x/{i}.png") for i in "ab")
+    assert existing.ok_keys.tolist() == sorted(image_key(f"/x/{i}.png") for i in "ab")
     assert [Path(p).name for p in existing.with_errors] == ["part-1.parquet", "part-2.parquet"]
-    pending = np.sort(np.array([uri_key("/x/c.png"), uri_key("/x/d.png")], np.uint64))
+    pending = np.sort(np.array([image_key("/x/c.png"), image_key("/x/d.png")], np.uint64))
     assert supersede(fs, existing.with_errors, pending) == 2  # c and d were redone
     assert pq.read_table(tmp_path / "part-1.parquet")["image_uri"].to_pylist() == ["/x/a.png"]
     assert not (tmp_path / "part-2.parquet").exists() and (tmp_path / "part-3.parquet").exists()

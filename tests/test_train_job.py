@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from m2f import model as m2f
 from m2f.cli import app
-from m2f.jobs.configs import TrainConfig
-from m2f.jobs.train_setup import build_for_training, lr_factor, param_groups
+from m2f.jobs.common.configs import TrainConfig
+from m2f.jobs.train.setup import build_for_training, lr_factor, param_groups
 from m2f.model.config import DecoderConfig, ModelConfig, PixelDecoderConfig, ResNetConfig
 from m2f.pipeline.training.synthetic import SYNTHETIC_CATEGORIES, generate
 from tests.processes import descendants, kill_tree
@@ -80,6 +80,42 @@ def test_bad_arguments_exit_2_before_ray_starts_and_write_nothing(scenes, tmp_pa
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["panoptic_without_segments_info", "semantic_without_categories"])
+def test_malformed_annotations_exit_2_naming_the_file(scenes, tmp_path, case):
+    """Exit 2 is for the user's mistakes, raised where the input is read: annotations that lack what the
+    dataset reader needs are bad input, not a bug."""
+    panoptic = json.loads((Path(scenes) / "panoptic.json").read_text())
+    if case == "panoptic_without_segments_info":
+        del panoptic["annotations"][0]["segments_info"]
+        args, message = ["--format", "coco-panoptic"], "a record lacks the field 'segments_info'"
+    else:
+        del panoptic["categories"]
+        args, message = ["--format", "semantic"], "has no 'categories' list"
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps(panoptic))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", scenes, str(out), *args, "--annotations", str(annotations)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and str(annotations) in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_a_bug_exits_3_with_its_traceback_in_the_run_log(scenes, tmp_path):
+    """A KeyError that is no user's mistake is a bug: exit 3, one line, the traceback in the run's log. Here
+    a real one: OUTPUT's latest.json, which only our checkpoints write, without its step."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "latest.json").write_text(json.dumps({"model": "checkpoints/step_0000001.safetensors"}))
+    result = CliRunner().invoke(app, ["train", scenes, str(out), *FAST, "--max-steps", "1"])
+    assert result.exit_code == 3, result.output
+    assert "error: KeyError: 'step'" in result.output and "Traceback" not in result.output
+    (report_path,) = (out / "_runs").glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "failed" and report["exit_code"] == 3 and report["error"] == "KeyError: 'step'"
+    log = Path(report["log"]).read_text()
+    assert "Traceback" in log and "KeyError: 'step'" in log and "training failed" in log
 
 
 def test_sigterm_ends_training_with_143_a_report_and_no_ray_left(scenes, tmp_path):

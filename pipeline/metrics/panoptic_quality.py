@@ -2,7 +2,7 @@
 
 Follows Kirillov et al. (2019) exactly as COCO panopticapi's ``pq_compute``. Counts are kept per
 category as raw sums, so memory stays flat however large the set, and `m2f evaluate` and
-`jobs.quality` agree with any tool that runs panopticapi on the same PNGs.
+`jobs.evaluate.quality` agree with any tool that runs panopticapi on the same PNGs.
 """
 
 from __future__ import annotations

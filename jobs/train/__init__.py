@@ -1,0 +1,1 @@
+"""`m2f train` (`job.run(config)`) and `m2f synth`, the synthetic data it can train on."""
