@@ -374,5 +374,43 @@ def synth(
     raise typer.Exit(run(output, n, seed, storage=storage_of(endpoint_url, storage_options)))
 
 
+models_app = typer.Typer(
+    no_args_is_help=False,
+    help="The official Mask2Former checkpoints by name: list them, or copy one for a cluster without internet.",
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="The catalog as one JSON line on stdout.")] = False,
+) -> None:
+    """List the official checkpoints (Mask2Former's model zoo): name, task, dataset, backbone, metrics, URL.
+
+    Any of them runs as `m2f segment ... --model zoo:NAME` (or NAME); so do an http(s) URL and a Hugging Face
+    hub id (OWNER/NAME[@REVISION]). Weights are fetched once per run into a cache (M2F_CACHE; hub ids into
+    Hugging Face's cache).
+    """
+    if ctx.invoked_subcommand is None:
+        from m2f.jobs.models import list_models
+
+        raise typer.Exit(list_models(json_mode=json_out))
+
+
+@models_app.command("download")
+def models_download(
+    name: Annotated[str, typer.Argument(help="A zoo name, an http(s) URL or a Hugging Face hub id.")],
+    dest: Annotated[str, typer.Argument(help="Where to copy it: a folder or URI every node reads (s3://...).")],
+    endpoint_url: EndpointOpt = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Fetch a checkpoint here and copy it to DEST, for a cluster without internet: then --model DEST."""
+    from m2f.jobs.models import download_model
+
+    checked_uris(NAME=name, DEST=dest, endpoint_url=endpoint_url)
+    raise typer.Exit(download_model(name, dest, storage_of(endpoint_url, storage_options)))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -64,6 +64,16 @@ def load(
     return model.to(device).eval()
 
 
+def _hf_dir_name(path: str) -> str:
+    """A Hugging Face folder's model name: its own name, or for a snapshot in Hugging Face's cache
+    (`models--OWNER--NAME/snapshots/<commit>`) the repo's NAME, as the folder `huggingface-cli download`
+    would have made: a model has one name (and one `model` column) however it was fetched."""
+    parts = Path(path.rstrip("/")).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].split("--", 2)[-1]
+    return parts[-1] if parts else path
+
+
 def _load_file(data: bytes, name: str, preset: str | None) -> Mask2Former:
     if name.endswith(".safetensors"):
         meta = safetensors_metadata(data)
@@ -101,7 +111,7 @@ def _load_hf_dir(fs: fsspec.AbstractFileSystem, path: str) -> tuple[Mask2Former,
     if raw_config is None:
         raise ValueError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
     pre = read("preprocessor_config.json")
-    config = hf.config_from_hf(json.loads(raw_config), json.loads(pre) if pre else None, name=Path(path).name)
+    config = hf.config_from_hf(json.loads(raw_config), json.loads(pre) if pre else None, name=_hf_dir_name(path))
     weights = read("model.safetensors")
     if weights is not None:
         sd = load_safetensors_bytes(weights)

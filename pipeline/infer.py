@@ -131,7 +131,7 @@ class Segmenter:
 
     def __init__(
         self,
-        model_uri: str,
+        model_uri: str | list[Any],
         *,
         run_id: str,
         device: str = "cpu",
@@ -144,6 +144,9 @@ class Segmenter:
         num_threads: int | None = None,
     ) -> None:
         from m2f.model import load  # the checkpoint loaders are only needed where the model lives
+
+        if isinstance(model_uri, list):  # the checkpoint's bytes in Ray's object store (the driver fetched it)
+            model_uri = _unpacked(model_uri[0])
 
         self.device = torch.device(device)
         check_precision(precision, self.device.type)  # a bad setting fails before the checkpoint is read
@@ -228,6 +231,16 @@ class Segmenter:
 def _source_bytes(batch: Mapping[str, Sequence[Any]], i: int) -> int | None:
     value = int(batch["source_bytes"][i])
     return None if value < 0 else value
+
+
+def _unpacked(ref: Any) -> str:
+    """The checkpoint a driver shipped through Ray's object store, written once per node into the cache."""
+    import ray
+
+    from m2f.model.fetch import unpack
+    from m2f.model.url_cache import cache_root
+
+    return unpack(ray.get(ref), cache_root())
 
 
 def model_label(name: str, sha256: str) -> str:

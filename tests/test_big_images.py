@@ -200,7 +200,14 @@ def test_build_dataset_reserves_memory_for_the_prepare_tasks_and_the_actors(ray_
     config = SegmentConfig(input=str(tmp_path), output=str(tmp_path / "out"), model="demo", batch_size=2)
     plan = WorkPlan(files=[str(tmp_path / "work.parquet")], pending=np.zeros(0, np.uint64))
     ds = build_dataset(
-        config, plan, preprocess=PreprocessConfig(), task="panoptic", device="cpu", run_id="r", cluster_cpus=2.0
+        config,
+        plan,
+        weights="demo",
+        preprocess=PreprocessConfig(),
+        task="panoptic",
+        device="cpu",
+        run_id="r",
+        cluster_cpus=2.0,
     )
     args = {}
     op = ds._logical_plan.dag

@@ -63,7 +63,6 @@ def test_input_and_output_must_come_from_somewhere(tmp_path) -> None:
     ("extra", "message"),
     [
         (["--device", "cuda"], "no GPU"),
-        (["--model", "facebook/mask2former-swin-tiny-coco-instance"], "looks like a Hugging Face hub name"),
         (["--precision", "fp16"], "fp16 needs a GPU"),
     ],
 )

@@ -27,6 +27,7 @@ from m2f.jobs.common.progress import Progress
 from m2f.jobs.segment.commit import PartWriter
 from m2f.jobs.segment.resume import WORK_FILE_ROWS, WorkPlan, read_work_files
 from m2f.model.config import PreprocessConfig
+from m2f.model.fetch import Resolved, pack
 from m2f.pipeline.budget import actor_memory, node_memory, prepare_memory
 from m2f.pipeline.handover import encode_rows
 from m2f.pipeline.infer import Segmenter, prepare_images
@@ -248,10 +249,23 @@ def read_limits(max_file_bytes: int) -> ReadLimits:
     return ReadLimits(max_file_bytes=max_file_bytes)
 
 
+def actor_weights(weights: Resolved, *, joined: bool) -> str | list[Any]:
+    """What the model actors load: the checkpoint's local path, or, where the driver fetched it (a zoo name,
+    a URL, a hub id) and the cluster was joined (its workers cannot see the driver's disk), a one-item list
+    holding its bytes in Ray's object store (`fetch.pack`): put once per run, never one download per actor.
+    The list keeps Ray from resolving the reference before the actor asks for it."""
+    if weights.kind == "local" or not joined:
+        return weights.local
+    import ray
+
+    return [ray.put(pack(weights.local))]
+
+
 def build_dataset(
     config: SegmentConfig,
     plan: WorkPlan,
     *,
+    weights: str | list[Any],
     preprocess: PreprocessConfig,
     task: str,
     device: str,
@@ -301,7 +315,7 @@ def build_dataset(
         memory=prepare_memory(config.max_pixels, READ_AHEAD_BYTES, node),
         compute=ray.data.TaskPoolStrategy(size=prepare_concurrency(cluster_cpus, config)),
     )
-    ds = _model_stage(ds, config, task=task, device=device, run_id=run_id, node=node)
+    ds = _model_stage(ds, config, weights, task=task, device=device, run_id=run_id, node=node)
     # The actors hand over compact rows (an id map or packed crops per image); encoding them is CPU work
     # that would otherwise hold the accelerator back. One actor output block (a few forward batches) per
     # task: no re-batching, and an actor pool is never fused with the task stage after it.
@@ -314,8 +328,11 @@ def build_dataset(
     )
 
 
-def _model_stage(ds: Any, config: SegmentConfig, *, task: str, device: str, run_id: str, node: int | None) -> Any:
-    """`ds` through the model actors (`Segmenter`), each with its memory request at --max-pixels."""
+def _model_stage(
+    ds: Any, config: SegmentConfig, weights: str | list[Any], *, task: str, device: str, run_id: str, node: int | None
+) -> Any:
+    """`ds` through the model actors (`Segmenter`) loading `weights` (`actor_weights`), each with its memory
+    request at --max-pixels."""
     gpu = {"num_gpus": config.gpus_per_actor} if device == "cuda" else {}
     return ds.map_batches(
         Segmenter,
@@ -324,7 +341,7 @@ def _model_stage(ds: Any, config: SegmentConfig, *, task: str, device: str, run_
         compute=model_actor_pool(config.actors),
         num_cpus=config.cpus_per_actor,
         memory=actor_memory(config.max_pixels, config.batch_size, MODEL_BYTES, node),
-        fn_constructor_args=(config.model,),
+        fn_constructor_args=(weights,),
         fn_constructor_kwargs={
             "run_id": run_id,
             "device": device,

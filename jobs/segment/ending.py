@@ -206,7 +206,16 @@ def run_report(
         config=model.config.redacted(),
         counts=running.tally.counts,
         listing=place.listing.summary(),
-        model={"name": probe.name, "sha256": probe.sha256, "label": probe.label, "task": model.task},
+        model={
+            "name": probe.name,
+            "sha256": probe.sha256,
+            "label": probe.label,
+            "task": model.task,
+            "source": model.weights.source,  # what --model named; "kind": how it was resolved
+            "kind": model.weights.kind,
+            "revision": model.weights.revision,
+            "preset": model.config.preset,
+        },
         output=place.output,
         started=reached.start.started,
         finished=datetime.now(UTC),

@@ -19,6 +19,7 @@ from m2f.jobs.common.lifecycle import Cancelled, RunLog, Stop
 from m2f.jobs.common.progress import Progress
 from m2f.jobs.segment.commit import Commit, PartWriter
 from m2f.jobs.segment.dataflow import (
+    actor_weights,
     build_dataset,
     capacity_warnings,
     explain_stall,
@@ -167,10 +168,12 @@ def _stream(
     size instead of stalling. Each round has fewer actors, so this ends.
     """
     config, stop, attempt = model.config, running.stop, 0
+    weights = actor_weights(model.weights, joined=bool(config.ray_address))  # held for the whole run
     while True:
         ds = build_dataset(
             config,
             work,
+            weights=weights,
             preprocess=model.probe.preprocess,
             task=model.task,
             device=device,

@@ -20,6 +20,7 @@ from m2f.jobs.common.failure import Failure, storage_step
 from m2f.jobs.common.lifecycle import Stop
 from m2f.jobs.segment.lease import Lease
 from m2f.jobs.segment.model_probe import ModelProbe, local_gpu, probe_model
+from m2f.model.fetch import Resolved, resolve
 from m2f.pipeline.output import new_run_id, run_file
 from m2f.pipeline.predictor import default_score_threshold
 from m2f.pipeline.secrets import secret_values
@@ -68,13 +69,15 @@ class Place:
 
 @dataclass(frozen=True)
 class Model:
-    """The checked model: what the probe found, the task the run uses, and the options with the task's
-    --score-threshold filled in."""
+    """The checked model: where its weights are (`weights`: what --model named, fetched into the cache once
+    if it named a zoo entry, a URL or a hub id), what the probe found, the task the run uses, and the
+    options with the task's --score-threshold filled in."""
 
     probe: ModelProbe
     task: str
     config: SegmentConfig
     probe_s: float
+    weights: Resolved
 
 
 def open_place(config: SegmentConfig, start: Start) -> Place:
@@ -108,16 +111,20 @@ def check_model(place: Place) -> Model:
     config = place.config
     clock = time.perf_counter()
     try:
-        probe = probe_model(config.model, config.preset, place.options["model"])
+        weights = resolve(config.model)  # a name or URL: fetched here, once per run, for every actor
+        preset = config.preset or weights.preset
+        options = place.options["model"] if weights.kind == "local" else {}
+        probe = probe_model(weights.local, preset, options)
     except (ValueError, FileNotFoundError) as e:
         raise Failure(str(e), 2) from None
+    config = dataclasses.replace(config, preset=preset)
     probe_s = time.perf_counter() - clock
     task = config.task or probe.task
     if config.score_threshold is None:
         config = dataclasses.replace(config, score_threshold=default_score_threshold(task))
     if config.device == "cuda" and not config.ray_address and not local_gpu():
         raise Failure("--device cuda, but this machine has no GPU that torch can use (Ray runs locally)", 2)
-    return Model(probe, task, config, probe_s)
+    return Model(probe, task, config, probe_s, weights)
 
 
 def _parsed_options(options_json: str | None) -> dict[str, Any]:
