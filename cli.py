@@ -128,6 +128,9 @@ SegmentOutput = Annotated[
     ),
 ]
 SegmentModel = Annotated[str, ModelOpt(help="Checkpoint: HF directory, detectron2 .pkl/.pth, or ours.")]
+SegmentModelSha256 = Annotated[
+    str | None, ModelOpt(help="Expected sha256 of a checkpoint fetched by name or URL (checked before it is cached).")
+]
 SegmentPreset = Annotated[str | None, ModelOpt(help="Dataset preset for a detectron2 checkpoint.")]
 SegmentTask = Annotated[str | None, ModelOpt(help="Post-processing; default: the checkpoint's task.", **one_of(*TASKS))]
 SegmentActors = Annotated[int, ComputeOpt(help=bounded("Model actors (one model copy each).", "actors"))]
@@ -186,6 +189,7 @@ def segment(
     output: SegmentOutput = None,
     config_file: ConfigOpt = None,
     model: SegmentModel = S.model,
+    model_sha256: SegmentModelSha256 = None,
     preset: SegmentPreset = None,
     task: SegmentTask = None,
     endpoint_url: EndpointOpt = None,

@@ -5,6 +5,7 @@ and read by every model actor from the cache, end to end on a local Ray. The ser
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from tests.test_segment_job import rows_of, segment, write_images
 PATH = "/models/tiny.safetensors"
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 SAME = "* exclude (processed_at, run_id, inference_ms)"  # what two runs of one model share
+
+
+def finished_downloads(cache: Path) -> list[str]:
+    """The files a download finished (not its lock files)."""
+    return sorted(name for name in os.listdir(cache / "downloads") if not name.endswith(".lock"))
 
 
 @pytest.fixture
@@ -48,6 +54,10 @@ def test_a_url_is_fetched_once_per_run_however_many_actors(
         assert again.exit_code == 0, again.output
         assert server.count(PATH, status=200) == 1  # no second body: at most a conditional request
         assert server.count(PATH, method="GET") - server.count(PATH, status=200) == server.count(PATH, status=304)
+        cached = finished_downloads(tmp_path / "m2f-cache")
+        wrong = segment(images, tmp_path / "out4", "--model", url + "?v=2", "--model-sha256", "0" * 64, "--json")
+        assert wrong.exit_code == 2 and "sha256" in wrong.output, wrong.output  # a digest that does not match
+        assert finished_downloads(tmp_path / "m2f-cache") == cached  # nothing new under a final name
     report = json.loads(first.stdout.strip().splitlines()[-1])
     assert (report["model"]["source"], report["model"]["kind"]) == (url, "url")
     local = segment(images, tmp_path / "out3", "--model", models["semantic"])

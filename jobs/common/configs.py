@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ class SegmentConfig:
     output: str
     model: str = "demo"
     preset: str | None = None
+    model_sha256: str | None = None  # the expected digest of a checkpoint fetched by name or URL
     task: str | None = None  # None: the checkpoint's own task
     endpoint_url: str | None = None
     storage_options_json: str | None = None  # may hold credentials: never printed or stored as is
@@ -92,6 +94,8 @@ class SegmentConfig:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.model_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.model_sha256):
+            raise ValueError(f"--model-sha256 must be 64 hex digits, got {len(self.model_sha256)} characters")
         from m2f.pipeline.predictor import check_precision  # here: it imports torch
 
         check_precision(self.precision, None if self.device == "auto" else self.device)  # the one fp16 rule
@@ -116,7 +120,8 @@ class SegmentConfig:
 
     def texts(self) -> dict[str, str | None]:
         """The string options by the names the user knows them by (INPUT, --model, ...)."""
-        names = ("model", "preset", "task", "device", "precision", "endpoint_url", "ray_address", "config_file")
+        names = ("model", "model_sha256", "preset", "task", "device", "precision", "endpoint_url", "ray_address")
+        names += ("config_file",)
         named = {f"--{name.replace('_', '-')}": getattr(self, name) for name in names}
         return {"INPUT": self.input, "OUTPUT": self.output, **named}
 

@@ -111,7 +111,7 @@ def check_model(place: Place) -> Model:
     config = place.config
     clock = time.perf_counter()
     try:
-        weights = resolve(config.model)  # a name or URL: fetched here, once per run, for every actor
+        weights = resolve(config.model, sha256=config.model_sha256)  # a name or URL: fetched once, for every actor
         preset = config.preset or weights.preset
         options = place.options["model"] if weights.kind == "local" else {}
         probe = probe_model(weights.local, preset, options)
