@@ -115,8 +115,9 @@ def resize_tile(planes: Tensor, output_size: Size, band: tuple[int, int] | None)
 
     A band is resized along W over the full width (every output column from its own source position, as in
     the whole resize), its columns are taken, and they are resized along H. PyTorch's bilinear kernel
-    interpolates along W first and then along H, so a band equals those columns of the whole resize bit for
-    bit (tests/test_postprocess.py checks it on the machine it runs on).
+    interpolates along W first and then along H, so a band equals those columns of the whole resize to float
+    rounding: bit for bit on several threads, within an ulp or two on one (aten's single-thread kernel blends
+    in 2-D); tests/test_big_images.py checks both.
     """
     h, w = planes.shape[-2:]
     if band is None:

@@ -20,6 +20,14 @@ from bench import actor, budget, gpu, memory, scaleout
 from bench import pipeline as pipeline_bench
 
 
+@pytest.fixture(autouse=True)
+def torch_threads() -> Iterator[None]:
+    """The benchmarks pin torch to one thread, as they measure; the tests after them get theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ray_three_cpus() -> Iterator[None]:
     """One local Ray for the module, with 3 logical CPUs: two 1-CPU actors and a prepare task fit."""
