@@ -68,6 +68,7 @@ DATASETS: dict[str, Dataset] = {
     "ade20k_panoptic": Dataset(cats.ADE20K_150_PANOPTIC, "panoptic", 640, 2560),
     "cityscapes_semantic": Dataset(cats.CITYSCAPES_19, "semantic", 1024, 2048),
     "cityscapes_panoptic": Dataset(cats.CITYSCAPES_19, "panoptic", 1024, 2048),
+    "cityscapes_instance": Dataset(cats.CITYSCAPES_8, "instance", 1024, 2048),
 }
 
 

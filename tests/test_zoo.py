@@ -16,7 +16,6 @@ from tests import net_guard
 # checkpoint of theirs loads with generic class names (`class_<i>`) and panoptic output by default.
 WITHOUT_PRESET = {
     ("ade20k", "instance"),
-    ("cityscapes", "instance"),
     ("mapillary", "panoptic"),
     ("mapillary", "semantic"),
 }
