@@ -34,6 +34,7 @@ from m2f.model.safe_pickle import load_pickle, load_torch
 FORMAT_TAG = "m2f"
 FORMAT_VERSION = 1
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo.safetensors"
+NAMED_PREFIXES = ("zoo:", "hf://", "http://", "https://")  # weights by name: fetched and cached (model.fetch)
 
 
 def load(
@@ -46,11 +47,18 @@ def load(
     """Build the model a checkpoint describes and load its weights (eval mode, on `device`).
 
     `preset` names the dataset preset of a detectron2 checkpoint (e.g. "swin_l_coco_panoptic") when
-    its class count is ambiguous; the architecture itself always comes from the weights.
+    its class count is ambiguous; the architecture itself always comes from the weights. A name with a
+    prefix, `zoo:NAME`, `hf://OWNER/NAME[@REV]` or an http(s) URL, is fetched once into its cache first
+    (`model.fetch.resolve`; a zoo entry brings its preset).
     """
     uri = str(path_or_uri)
     if uri == "demo":
         uri = str(DEMO_MODEL)
+    elif uri.startswith(NAMED_PREFIXES):
+        from m2f.model.fetch import resolve  # here: fetch imports this module's neighbours lazily too
+
+        resolved = resolve(uri)
+        uri, preset, storage_options = resolved.local, preset or resolved.preset, None
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if not fs.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {uri}")

@@ -405,3 +405,12 @@ def test_the_guard_refuses_the_outside_network(loopback_only):
         socket.create_connection(("example.com", 443), timeout=0.1)
     assert loopback_only == [("192.0.2.1", 80), "example.com"]
     loopback_only.clear()  # refused as intended: not a failure of this test
+
+
+def test_model_load_fetches_a_url_once_into_the_cache(server, checkpoint, tmp_path):
+    url = server.url + PATH
+    first, again = model.load(url), model.load(url)
+    assert server.count(PATH, status=200) == 1  # the second load asked only whether it changed
+    (tmp_path / "original.safetensors").write_bytes(checkpoint)
+    same_weights(first, model.load(tmp_path / "original.safetensors"))
+    same_weights(again, first)
