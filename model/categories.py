@@ -368,3 +368,26 @@ CITYSCAPES_19: tuple[Category, ...] = (
 )
 # Cityscapes' instance task: its 8 thing classes, in the order of the 19 (detectron2's Cityscapes instance metadata).
 CITYSCAPES_8: tuple[Category, ...] = tuple(c for c in CITYSCAPES_19 if c.isthing)
+
+# Mapillary Vistas v1.2: the 65 evaluated classes in the dataset's order (ids 1-65), its "instances" flags as
+# things (Mask2Former's Mapillary Vistas registration; "Unlabeled" is not a class).
+# fmt: off
+_MAPILLARY_NAMES = (
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane", "Crosswalk - Plain",
+    "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane", "Sidewalk", "Bridge",
+    "Building", "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk",
+    "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner",
+    "Bench", "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox",
+    "Manhole", "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole",
+    "Traffic Light", "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car",
+    "Caravan", "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow", "Car Mount",
+    "Ego Vehicle",
+)
+_MAPILLARY_THINGS = frozenset({
+    1, 2, 9, 20, 21, 22, 23, 24, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 45, 46, 47, 48, 49, 50, 51, 52, 53,
+    54, 55, 56, 57, 58, 60, 61, 62, 63,
+})
+# fmt: on
+MAPILLARY_65: tuple[Category, ...] = tuple(
+    Category(i, name, i in _MAPILLARY_THINGS) for i, name in enumerate(_MAPILLARY_NAMES, start=1)
+)

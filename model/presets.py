@@ -69,6 +69,8 @@ DATASETS: dict[str, Dataset] = {
     "cityscapes_semantic": Dataset(cats.CITYSCAPES_19, "semantic", 1024, 2048),
     "cityscapes_panoptic": Dataset(cats.CITYSCAPES_19, "panoptic", 1024, 2048),
     "cityscapes_instance": Dataset(cats.CITYSCAPES_8, "instance", 1024, 2048),
+    "mapillary_semantic": Dataset(cats.MAPILLARY_65, "semantic", 2048, 2048),
+    "mapillary_panoptic": Dataset(cats.MAPILLARY_65, "panoptic", 2048, 2048),
 }
 
 

@@ -16,8 +16,6 @@ from tests import net_guard
 # checkpoint of theirs loads with generic class names (`class_<i>`) and panoptic output by default.
 WITHOUT_PRESET = {
     ("ade20k", "instance"),
-    ("mapillary", "panoptic"),
-    ("mapillary", "semantic"),
 }
 # What each variant's URL says about its backbone, as the zoo names its configs.
 URL_BACKBONE = {
