@@ -6,14 +6,11 @@ i.e. position ``k`` in the tuple is class logit ``k`` of a model trained on that
 label ids, ADE20K SceneParsing ids 0..149), which is not the same as the position in general.
 
 Sources (transcribed, then cross-checked against each other):
-- COCO: detectron2 ``detectron2/data/datasets/builtin_meta.py`` ``COCO_CATEGORIES``, identical in order,
-  ids, names and isthing to cocodataset/panopticapi ``panoptic_coco_categories.json``.
-- Cityscapes: detectron2 ``CITYSCAPES_CATEGORIES`` (train ids 0..18), matching mcordts/cityscapesScripts
-  ``cityscapesscripts/helpers/labels.py`` (label id, trainId, hasInstances).
-- ADE20K: detectron2 ``ADE20K_SEM_SEG_CATEGORIES``; panoptic thing flags from Mask2Former
-  ``mask2former/data/datasets/register_ade20k_panoptic.py`` ``ADE20K_150_CATEGORIES`` (100 things, 50 stuff),
-  which agree with ``datasets/ade20k_instance_catid_mapping.txt`` (the 100 Instance100 classes).
-  Names are verbatim, including detectron2's trailing space in ``"window "`` (index 8).
+- COCO: detectron2 ``builtin_meta.py`` ``COCO_CATEGORIES`` (= panopticapi's ``panoptic_coco_categories.json``).
+- Cityscapes: detectron2 ``CITYSCAPES_CATEGORIES`` (train ids 0..18), as cityscapesScripts' ``labels.py``.
+- ADE20K: detectron2 ``ADE20K_SEM_SEG_CATEGORIES``; things from Mask2Former's ``register_ade20k_panoptic.py``
+  (100 things, 50 stuff: the Instance100 classes of ``ade20k_instance_catid_mapping.txt``); names verbatim,
+  trailing space of ``"window "`` included. Mapillary Vistas: Mask2Former's ``register_mapillary_vistas.py``.
 """
 
 from __future__ import annotations
@@ -344,6 +341,12 @@ ADE20K_150_PANOPTIC: tuple[Category, ...] = (
 # ADE20K semantic segmentation: same 150 classes and order, all treated as stuff.
 ADE20K_150: tuple[Category, ...] = tuple(Category(c.id, c.name, False) for c in ADE20K_150_PANOPTIC)
 
+# ADE20K instance: the 100 things of the 150, in their order, ids 1-100 (the Instance100 classes of
+# Mask2Former's ade20k_instance_catid_mapping.txt, position for position; tests/test_categories.py checks it).
+ADE20K_100: tuple[Category, ...] = tuple(
+    Category(i, c.name, True) for i, c in enumerate((c for c in ADE20K_150_PANOPTIC if c.isthing), start=1)
+)
+
 # Cityscapes: the 19 train classes (trainId 0..18) with their Cityscapes label ids; person..bicycle are things.
 CITYSCAPES_19: tuple[Category, ...] = (
     Category(7, "road", False),
@@ -369,8 +372,7 @@ CITYSCAPES_19: tuple[Category, ...] = (
 # Cityscapes' instance task: its 8 thing classes, in the order of the 19 (detectron2's Cityscapes instance metadata).
 CITYSCAPES_8: tuple[Category, ...] = tuple(c for c in CITYSCAPES_19 if c.isthing)
 
-# Mapillary Vistas v1.2: the 65 evaluated classes in the dataset's order (ids 1-65), its "instances" flags as
-# things (Mask2Former's Mapillary Vistas registration; "Unlabeled" is not a class).
+# Mapillary Vistas v1.2: the 65 evaluated classes (ids 1-65), things as its "instances" flags say.
 # fmt: off
 _MAPILLARY_NAMES = (
     "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane", "Crosswalk - Plain",

@@ -66,6 +66,7 @@ DATASETS: dict[str, Dataset] = {
     "coco_instance": Dataset(cats.COCO_INSTANCE, "instance", 800, 1333),
     "ade20k_semantic": Dataset(cats.ADE20K_150, "semantic", 512, 2048, 640, 2560),
     "ade20k_panoptic": Dataset(cats.ADE20K_150_PANOPTIC, "panoptic", 640, 2560),
+    "ade20k_instance": Dataset(cats.ADE20K_100, "instance", 640, 2560),
     "cityscapes_semantic": Dataset(cats.CITYSCAPES_19, "semantic", 1024, 2048),
     "cityscapes_panoptic": Dataset(cats.CITYSCAPES_19, "panoptic", 1024, 2048),
     "cityscapes_instance": Dataset(cats.CITYSCAPES_8, "instance", 1024, 2048),

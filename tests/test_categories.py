@@ -122,3 +122,18 @@ def test_cityscapes():
     )
     assert category_ids(cats) == (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
     assert thing_flags(cats) == (False,) * 11 + (True,) * 8
+
+
+def test_the_ade20k_instance_classes_are_the_instance100_mapping() -> None:
+    """Mask2Former's datasets/ade20k_instance_catid_mapping.txt: Instance100 class i is SceneParse150 class k
+    (1-based); these are its k, transcribed."""
+    from m2f.model.categories import ADE20K_100, ADE20K_150
+
+    scene_parse = (
+        8, 9, 11, 13, 15, 16, 19, 20, 21, 23, 24, 25, 28, 31, 32, 33, 34, 36, 37, 38, 39, 40, 42, 43, 44, 45, 46, 48,
+        50, 51, 54, 56, 57, 58, 59, 63, 65, 66, 67, 68, 70, 71, 72, 73, 74, 75, 76, 77, 79, 81, 82, 83, 84, 86, 87,
+        88, 89, 90, 91, 93, 94, 96, 98, 99, 103, 104, 105, 108, 109, 111, 112, 113, 116, 117, 119, 120, 121, 122,
+        124, 125, 126, 127, 128, 130, 131, 133, 134, 135, 136, 137, 138, 139, 140, 143, 144, 145, 147, 148, 149, 150,
+    )  # fmt: skip
+    assert [c.name for c in ADE20K_100] == [ADE20K_150[k - 1].name for k in scene_parse]
+    assert [c.id for c in ADE20K_100] == list(range(1, 101)) and all(c.isthing for c in ADE20K_100)

@@ -12,11 +12,6 @@ from m2f.model import zoo
 from m2f.model.presets import BACKBONES, PRESETS
 from tests import net_guard
 
-# (dataset, task) pairs the presets do not cover: their class lists are not in model.categories yet, so a
-# checkpoint of theirs loads with generic class names (`class_<i>`) and panoptic output by default.
-WITHOUT_PRESET = {
-    ("ade20k", "instance"),
-}
 # What each variant's URL says about its backbone, as the zoo names its configs.
 URL_BACKBONE = {
     "r50": "maskformer2?_R50_",
@@ -92,10 +87,7 @@ def test_numbers_as_the_model_zoo_reports_them():
 
 @pytest.mark.parametrize("entry", zoo.entries(), ids=lambda e: e.name)
 def test_architecture_matches_the_preset(entry: zoo.Entry):
-    if (entry.dataset, entry.task) in WITHOUT_PRESET:
-        assert entry.preset is None
-        assert entry.backbone in BACKBONES  # the network itself is covered; only the class list is missing
-        return
+    assert entry.preset is not None, entry  # every official checkpoint loads with its class names
     preset = PRESETS[entry.preset]
     assert entry.preset == f"{entry.backbone}_{entry.dataset}_{entry.task}"
     assert preset.backbone == BACKBONES[entry.backbone]
