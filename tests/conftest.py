@@ -19,11 +19,23 @@ import pytest
 from fsspec import AbstractFileSystem
 
 from m2f.pipeline.storage import storage_options
+from tests import net_guard
 from tests.moto_server import moto_server
 
 TEST_AWS_ACCESS_KEY_ID = "m2f-test-key-AKIA9SECRET"
 TEST_AWS_SECRET_ACCESS_KEY = "m2f-test-secret-0123456789"
 TEST_SECRETS = (TEST_AWS_ACCESS_KEY_ID, TEST_AWS_SECRET_ACCESS_KEY)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_beyond_this_machine() -> Iterator[None]:
+    """No test's own process connects beyond this machine (tests/net_guard.py): every server a test talks to
+    (moto, HTTP, the hub) is its own, on 127.0.0.1."""
+    patch = pytest.MonkeyPatch()
+    attempts = net_guard.install_for_session(patch)
+    yield
+    patch.undo()
+    assert not attempts, f"connections beyond this machine: {attempts}"
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ that reaches the internet fails even when the code under test swallows the error
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
@@ -50,4 +51,43 @@ def install(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return attempts
+
+
+def this_machine() -> set[str]:
+    """The addresses of this machine's own interfaces (Ray's node address among them), as far as its name
+    resolves: traffic to them never leaves the machine."""
+    own = set(LOOPBACK)
+    with contextlib.suppress(OSError):
+        own.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent, a UDP connect only picks a route
+        own.add(probe.getsockname()[0])
+    return own
+
+
+def install_for_session(patch: pytest.MonkeyPatch) -> list[Any]:
+    """For the whole suite: TCP connections from this process to anything but this machine fail (and are
+    recorded). Name lookups and UDP are left alone (a resolver, Ray's own address probe); the download tests
+    add `install`'s stricter guard on top."""
+    attempts: list[Any] = []
+    own = this_machine()
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def check(sock: socket.socket, address: Any) -> None:
+        tcp = sock.type == socket.SOCK_STREAM
+        if tcp and sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in own:
+            attempts.append(address)
+            raise OutsideNetwork(f"a test connected beyond this machine: {address}")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        check(self, address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        check(self, address)
+        return real_connect_ex(self, address)
+
+    patch.setattr(socket.socket, "connect", connect)
+    patch.setattr(socket.socket, "connect_ex", connect_ex)
     return attempts
