@@ -36,6 +36,7 @@ import pyarrow.dataset as pa_ds
 from fsspec import AbstractFileSystem
 
 from m2f.pipeline.output import PREVIEWS_DIR, QUARANTINE_DIR, RUNS_DIR
+from m2f.pipeline.paths import same_or_under
 from m2f.pipeline.secrets import without_userinfo
 from m2f.pipeline.storage import is_local, open_fs, protocol_of, qualify, with_retries
 
@@ -216,9 +217,9 @@ def excluded_by(input_uri: str, output_uri: str) -> tuple[str, ...]:
 
 
 def _under_any(uri: str, roots: tuple[str, ...]) -> bool:
-    """Whether `uri` is one of `roots` or lies under one (plain prefixes of qualified URIs, "/"-separated)."""
-    uri = uri.rstrip("/")
-    return any(uri == root or uri.startswith(root.rstrip("/") + "/") for root in roots)
+    """Whether `uri` is one of `roots` or lies under one (`paths.same_or_under`, the check OUTPUT's own
+    validation uses)."""
+    return any(same_or_under(uri, root) for root in roots)
 
 
 def _classify(input: str, fs: AbstractFileSystem, path: str) -> Listing:
